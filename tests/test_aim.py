@@ -17,6 +17,7 @@ from tunebal.methods.aim import AIM, BlockDecoupler, Decoupler, num_decoupler_pa
 from tunebal.methods.aim.losses import (
     depth_loss,
     distance_logits,
+    euclidean_distance,
     imbalance,
     interaction_weights,
     modulation_loss,
@@ -78,6 +79,25 @@ def test_eq9_eq10_performance_and_loss_by_hand():
     assert float(loss) == pytest.approx(-sum(math.log(v) for v in p) / 3, abs=1e-6)
     # the rms variant divides δ by sqrt(dim), the temperature divides the logits
     assert torch.allclose(distance_logits(feats, protos, "rms", 2.0), expected / math.sqrt(2) / 2.0, atol=1e-6)
+
+
+def test_distance_gradient_matches_autograd_of_the_difference_norm():
+    """The hand-written backward of δ equals autograd through ||x_i − p_k|| built elementwise."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 300, generator=gen)
+    p = torch.randn(4, 300, generator=gen)
+    p[2] = x[5]  # δ = 0: cdist's convention, zero gradient (not NaN)
+    weights = torch.randn(7, 4, generator=gen)
+    xa, pa = x.clone().requires_grad_(), p.clone().requires_grad_()
+    (euclidean_distance(xa, pa) * weights).sum().backward()
+    xb, pb = x.clone().requires_grad_(), p.clone().requires_grad_()
+    diff = xb.unsqueeze(1) - pb.unsqueeze(0)
+    ref = torch.where(diff.abs().sum(2) > 0, diff.pow(2).sum(2).clamp_min(1e-30).sqrt(), torch.zeros(7, 4))
+    (ref * weights).sum().backward()
+    assert torch.allclose(euclidean_distance(x, p), ref.detach(), atol=1e-4)
+    assert torch.allclose(xa.grad, xb.grad, atol=1e-4)
+    assert torch.allclose(pa.grad, pb.grad, atol=1e-4)
+    assert torch.isfinite(xa.grad).all() and float(xa.grad[5].abs().sum()) > 0
 
 
 def test_eq12_interaction_weights_by_hand():
@@ -290,15 +310,28 @@ def test_phases_before_and_after_start_epoch(small_data):
     assert all(p.grad is None for p in aim.model.parameters())
     assert all(not torch.equal(protos1[m], method.dap.protos[m]) for m in protos1)
 
-    # epoch 1 >= E: the modulation loss is active and changes the framework's trajectory
+    # epoch 1 >= E: the modulation loss is active and changes the framework's trajectory;
+    # Algorithm 1 line 10 updates the framework and the DAP only: the decoupler stays put
+    dec1 = {k: v.clone() for k, v in method.decoupler.state_dict().items()}
     base.run_epoch()
     metrics = aim.run_epoch()
     assert metrics["method/phase"] == 1.0 and metrics["method/loss/mod"] > 0
+    assert "method/loss/pam" not in metrics
+    _tree_equal(dec1, method.decoupler.state_dict())
     for key in ("alpha/d1", "alpha/d4", "s/audio/d1", "s_aux/visual/d4", "rho/audio/d2", "rho_aux/visual/d3", "mask_mean"):
         assert f"method/{key}" in metrics, key
     rho_total = sum(metrics[f"method/{r}/{m}/d2"] for r in ("rho", "rho_aux") for m in small_data.modalities)
     assert rho_total == pytest.approx(1.0, abs=1e-5)
     assert any(not torch.equal(a, b) for a, b in zip(base.model.state_dict().values(), aim.model.state_dict().values()))
+
+
+def test_pam_after_start_keeps_training_the_decoupler(small_data):
+    eng = Engine(small_data, "aim", {**COMMON, "epochs": 1, "seed": 3, "start_epoch": 0, "proto_steps": 2, "pam_after_start": True}, device="cpu")
+    method: AIM = eng.method  # type: ignore[assignment]
+    dec0 = {k: v.clone() for k, v in method.decoupler.state_dict().items()}
+    metrics = eng.run_epoch()
+    assert metrics["method/phase"] == 1.0 and metrics["method/loss/pam"] > 0 and metrics["method/loss/mod"] > 0
+    assert any(not torch.equal(dec0[k], v) for k, v in method.decoupler.state_dict().items())
 
 
 def test_modulation_loss_follows_the_formulas(small_data):

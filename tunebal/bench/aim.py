@@ -45,7 +45,7 @@ from tunebal.data import build_dataset
 from tunebal.data.base import MultimodalData, Split
 from tunebal.knobs import parse_assignments
 
-ENTRIES = ["baseline", "aim", "aim:pam=false", "aim:dam=false", "aim:target=label"]
+ENTRIES = ["baseline", "aim", "aim:pam_after_start=true", "aim:pam=false", "aim:dam=false", "aim:target=label"]
 PARTS = ("params", "timing", "compare", "unimodal", "depth", "start", "resnet")
 
 
@@ -217,12 +217,13 @@ def part_start(seeds, epochs, overrides, data_values, starts, compare=None) -> l
 TIMED = {
     "baseline": ("baseline", {}),
     "aim (epoch < E: CE + L_pam)": ("aim", {"start_epoch": 1}),
-    "aim (epoch >= E, full)": ("aim", {"start_epoch": 0}),
+    "aim (epoch >= E)": ("aim", {"start_epoch": 0}),
+    "aim (epoch >= E, pam_after_start=true)": ("aim", {"start_epoch": 0, "pam_after_start": True}),
     "aim w/o PAM": ("aim", {"start_epoch": 0, "pam": False}),
     "aim w/o DAM": ("aim", {"start_epoch": 0, "dam": False}),
     "aim-label": ("aim", {"start_epoch": 0, "target": "label"}),
     "aim branch_fraction=0.25": ("aim", {"start_epoch": 0, "branch_fraction": 0.25}),
-    "aim branch_fraction=0.1, pam_after_start=false": ("aim", {"start_epoch": 0, "branch_fraction": 0.1, "pam_after_start": False}),
+    "aim branch_fraction=0.1": ("aim", {"start_epoch": 0, "branch_fraction": 0.1}),
 }
 
 
