@@ -130,11 +130,13 @@ class BlockDecoupler(nn.Module):
             LayerDecoupler(params[w], params[b] if b else None, latent_dim) for w, b in self.names
         )
 
-    def decouple(self, block: nn.Module, branches: tuple[str, ...], detach_theta: bool) -> Decoupled:
+    def decouple(self, block: nn.Module, branches: tuple[str, ...], detach_theta: bool, reconstruct: bool = True) -> Decoupled:
         """θ^b ('aux') and/or θ^a ('comp') of ``block`` (Eq. 7), plus L_rec and the mask mean.
 
         ``detach_theta``: treat θ as a constant (L_pam trains the decoupler only); otherwise
         gradients of anything computed from θ^b/θ^a reach θ through this function (Eq. 13).
+        ``reconstruct=False`` skips Eq. 8's ||θ − Ψ(θ_lat)||² (``rec`` is then 0): the
+        auxiliary branch of the modulation phase does not use it.
         """
         params = dict(block.named_parameters())
         out: dict[str, dict[str, torch.Tensor]] = {b: {} for b in branches}
@@ -148,7 +150,8 @@ class BlockDecoupler(nn.Module):
             if detach_theta:
                 rows = rows.detach()
             lat, w = layer.split(rows)
-            rec = rec + (rows.float() - layer.dec(lat).float()).pow(2).sum()
+            if reconstruct:
+                rec = rec + (rows.float() - layer.dec(lat).float()).pow(2).sum()
             mask_sum = mask_sum + w.detach().float().sum()
             count += w.numel()
             for branch in branches:

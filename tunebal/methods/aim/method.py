@@ -32,8 +32,8 @@ Interpretations (the paper leaves these open; each is a knob or documented here)
    line 10 states: from E on only the framework and the DAP are updated. The decoupler is
    not stale for it: θ^b = Ψ(Φ_lat(θ) ⊙ σ(Φ_mask(Φ_lat(θ)))) is a learnt *function* of the
    current θ, so the mask keeps following θ. The complement block (whose only job is L_pam)
-   is then not run after E, which is most of the saving from 4.2× to 3.1× of the
-   baseline's step time. ``pam_after_start=true`` keeps L_pam in the loss after E.
+   is then not run after E, which takes the step from 4.3× to 2.9× of the baseline's
+   (tunebal/bench/aim.py, timing part). ``pam_after_start=true`` keeps L_pam in the loss after E.
 3. **L_mod does not train the decoupler**: the auxiliary branch is computed with the
    decoupler's parameters frozen, so only θ (Eq. 13) and the shared BatchNorm affine
    parameters learn from L̂. Otherwise L̂ would push the mask to make the *auxiliary* block
@@ -82,7 +82,7 @@ Interpretations (the paper leaves these open; each is a knob or documented here)
     the modulation phase runs each block twice (original and auxiliary, both with their
     backward) plus the K prototypes through the whole network, with a distance loss at
     every depth; before E each block runs twice too (original, complement). The step costs
-    about 3× the baseline's after E and 2.3× before it on CPU (tunebal/bench/aim.py
+    about 2.9× the baseline's after E and 2.2× before it on CPU (tunebal/bench/aim.py
     measures it).
 
 All of AIM's state (decoupler and its Adam, prototypes, decoders and their Adam, whether
@@ -338,7 +338,7 @@ class AIM(Method):
                     x = x[: nb * (x.shape[0] // b)]
                     if modulating:  # auxiliary block: θ^b(θ), decoupler frozen (interpretation 3)
                         with frozen(dec):
-                            aux = dec.decouple(block, ("aux",), detach_theta=False)
+                            aux = dec.decouple(block, ("aux",), detach_theta=False, reconstruct=False)
                         out = run_block(block, aux.params["aux"], x)
                         if self.dap is not None:
                             logits = dist(flat(out, nb), flat(protos[m][d], k))
