@@ -23,6 +23,7 @@ from tunebal.checkpoint import (
     read_checkpoint_meta,
     save_checkpoint,
 )
+from tunebal import sealed
 from tunebal.errors import CheckpointError, TunebalError
 
 
@@ -78,8 +79,19 @@ def train_step(model, opt, x, y):
     opt.step()
 
 
-def rewrite(src, dst, *, metadata=None, columns=None, drop_metadata=False):
-    """Copy a checkpoint file, optionally replacing its metadata / some columns."""
+def write_sealed(table: pa.Table, dst) -> None:
+    """Write ``table`` as an Arrow file and seal it with a fresh whole-file digest, as an
+    attacker who knows the format would: this reaches the checks behind the digest."""
+    ph = sealed.placeholder()
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), sealed.DIGEST_KEY: ph.encode()})
+    with pa.OSFile(str(dst), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+        w.write_table(table)
+    sealed.seal(dst, ph)
+
+
+def rewrite(src, dst, *, metadata=None, columns=None, drop_metadata=False, reseal=True):
+    """Copy a checkpoint file, optionally replacing its metadata / some columns; by default
+    the copy is resealed (a valid digest) so that the checks behind the digest are reached."""
     with pa.memory_map(str(src)) as f:
         table = pa.ipc.open_file(f).read_all()
     schema_md = table.schema.metadata
@@ -91,6 +103,9 @@ def rewrite(src, dst, *, metadata=None, columns=None, drop_metadata=False):
         table = table.replace_schema_metadata(None)
     else:
         table = table.replace_schema_metadata(metadata if metadata is not None else schema_md)
+    if reseal:
+        write_sealed(table, dst)
+        return dst
     with pa.OSFile(str(dst), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
         w.write_table(table)
     return dst
@@ -290,7 +305,7 @@ def test_meta_is_plain_json_and_read_cheaply(tmp_path):
     assert got["epoch"] == 7 and got["config"]["betas"] == [0.9, 0.99]
     assert got["metrics"]["acc"] == 0.5 and math.isnan(got["metrics"]["loss"])
     assert load_checkpoint(path)[1]["config"] == got["config"]
-    assert header_of(path)["format_version"] == FORMAT_VERSION == 1
+    assert header_of(path)["format_version"] == FORMAT_VERSION == 2
 
 
 def test_save_is_atomic_and_overwrites(tmp_path):
@@ -341,7 +356,7 @@ def test_large_and_small_tensors_span_several_record_batches(tmp_path):
     assert pos > 0
     raw[pos] ^= 0xFF
     path.write_bytes(bytes(raw))
-    with pytest.raises(CheckpointError, match="sha256 mismatch for tensor 'big1'"):
+    with pytest.raises(CheckpointError, match="file digest mismatch"):
         load_checkpoint(path)
 
 
@@ -410,21 +425,76 @@ def test_tampered_payload_byte_is_detected(tmp_path):
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(path)
     msg = str(info.value)
-    assert str(path) in msg and "sha256" in msg and "'w'" in msg and "\n" not in msg
+    assert str(path) in msg and "file digest mismatch" in msg and "\n" not in msg
     # no chained low-level exception to print as a traceback
     assert info.value.__cause__ is None
     assert info.value.__context__ is None or info.value.__suppress_context__
     assert isinstance(info.value, TunebalError)
 
 
-def test_rewritten_payload_with_stale_sha256_is_detected(simple_ckpt, tmp_path):
+def test_rewritten_payload_or_metadata_without_the_digest_is_detected(simple_ckpt, tmp_path):
+    # A file rewritten by another Arrow writer keeps the old digest, which no longer matches.
     path, _ = simple_ckpt
     with pa.memory_map(str(path)) as f:
         data = pa.ipc.open_file(f).read_all().column("data").to_pylist()
     data[1] = data[1][:-1] + bytes([data[1][-1] ^ 0x80])
-    bad = rewrite(path, tmp_path / "bad.arrow", columns={"data": pa.array(data, pa.large_binary())})
-    with pytest.raises(CheckpointError, match="sha256 mismatch for tensor 's/0'"):
+    bad = rewrite(path, tmp_path / "bad.arrow", columns={"data": pa.array(data, pa.large_binary())}, reseal=False)
+    with pytest.raises(CheckpointError, match="file digest mismatch"):
         load_checkpoint(bad)
+    # the issue's footer edit: a tensor reference moved to another row ("tensor":1 -> "tensor":0)
+    raw = path.read_bytes()
+    assert raw.count(b'{"tensor":1}') == 2  # the schema is stored twice (stream + footer)
+    edited = tmp_path / "edited.arrow"
+    edited.write_bytes(raw.replace(b'{"tensor":1}', b'{"tensor":0}'))
+    for reader in (load_checkpoint, read_checkpoint_meta):
+        with pytest.raises(CheckpointError, match="file digest mismatch"):
+            reader(edited)
+    # and a valid checkpoint written without a digest (another tool, or format version 1)
+    nodigest = tmp_path / "nodigest.arrow"
+    md = {b"tunebal": json.dumps(header_of(path)).encode()}
+    with pa.memory_map(str(path)) as f:
+        table = pa.ipc.open_file(f).read_all().replace_schema_metadata(md)
+    with pa.OSFile(str(nodigest), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+        w.write_table(table)
+    with pytest.raises(CheckpointError, match="no tunebal_sha256 digest"):
+        load_checkpoint(nodigest)
+
+
+def _footer_start(raw: bytes) -> int:
+    (footer_len,) = struct.unpack("<i", raw[-10:-6])
+    return len(raw) - 10 - footer_len
+
+
+@pytest.mark.parametrize("region", ["footer-and-metadata", "anywhere"])
+def test_every_single_bit_flip_is_rejected(tmp_path, region):
+    """250 seeded single-bit flips (and 50 random byte values) in the footer/metadata
+    region (the first schema message and the footer) or anywhere in the file: each one is
+    a one-line CheckpointError from both readers; none loads."""
+    path = tmp_path / CHECKPOINT_FILENAME
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    train_step(model, opt, torch.randn(2, 3, 8, 8), torch.tensor([0, 1]))
+    save_checkpoint(path, {"model": model.state_dict(), "opt": opt.state_dict()}, {"epoch": 3, "method": "aim"})
+    raw = path.read_bytes()
+    (meta_len,) = struct.unpack("<i", raw[12:16])
+    if region == "anywhere":
+        positions = list(range(len(raw)))
+    else:
+        positions = list(range(0, 16 + meta_len)) + list(range(_footer_start(raw), len(raw)))
+    rng = random.Random(1234)
+    edits = [(p, raw[p] ^ (1 << rng.randrange(8))) for p in rng.sample(positions, 250)]
+    edits += [(p, (raw[p] + rng.randrange(1, 256)) % 256) for p in rng.sample(positions, 50)]
+    bad = tmp_path / "flipped.arrow"
+    for pos, value in edits:
+        data = bytearray(raw)
+        data[pos] = value
+        bad.write_bytes(bytes(data))
+        for reader in (load_checkpoint, read_checkpoint_meta):
+            with pytest.raises(CheckpointError) as info:
+                reader(bad)
+            msg = str(info.value)
+            assert "\n" not in msg and str(bad) in msg, (pos, msg)
+    load_checkpoint(path)  # the original still loads
 
 
 def test_truncated_file(simple_ckpt, tmp_path):
@@ -465,14 +535,14 @@ def _with_header(path, dst, mutate):
 @pytest.mark.parametrize(
     "mutate, message",
     [
-        (lambda h: h.__setitem__("format_version", 2), "unsupported format_version 2"),
+        (lambda h: h.__setitem__("format_version", 1), "unsupported format_version 1"),
         (lambda h: h.pop("format_version"), "unsupported format_version None"),
         (lambda h: h["tree"]["dict"][0].__setitem__(1, {"tensor": 99}), "references tensor row 99"),
         (lambda h: h["tree"]["dict"][0].__setitem__(1, {"ndarray": 0}), "has kind 'torch', expected 'numpy'"),
         (lambda h: h["tree"]["dict"][0].__setitem__(1, {"weird": 1}), "malformed tree node"),
         (lambda h: h.pop("meta"), "lacks 'tree' or 'meta'"),
     ],
-    ids=["version2", "no-version", "missing-row", "wrong-kind", "bad-node", "no-meta"],
+    ids=["version1", "no-version", "missing-row", "wrong-kind", "bad-node", "no-meta"],
 )
 def test_bad_header(simple_ckpt, tmp_path, mutate, message):
     path, _ = simple_ckpt
@@ -508,7 +578,7 @@ def test_shape_or_dtype_not_matching_bytes(simple_ckpt, tmp_path):
 
 
 def test_wrong_schema_columns(tmp_path):
-    header = {"format_version": 1, "tree": {"dict": []}, "meta": {}}
+    header = {"format_version": FORMAT_VERSION, "tree": {"dict": []}, "meta": {}}
     md = {b"tunebal": json.dumps(header).encode()}
     cases = {
         "missing_sha": pa.table({"name": pa.array([], pa.string())}),
@@ -525,9 +595,7 @@ def test_wrong_schema_columns(tmp_path):
     }
     for name, table in cases.items():
         bad = tmp_path / f"{name}.arrow"
-        table = table.replace_schema_metadata(md)
-        with pa.OSFile(str(bad), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
-            w.write_table(table)
+        write_sealed(table.replace_schema_metadata(md), bad)
         with pytest.raises(CheckpointError, match="column") as info:
             load_checkpoint(bad)
         assert str(bad) in str(info.value)

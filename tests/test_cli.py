@@ -24,7 +24,7 @@ def test_methods_and_datasets_list_knobs(capsys):
     code, out, _ = _run(["methods"], capsys)
     assert code == 0 and "baseline" in out and "lr " in out and "fusion" in out
     code, out, _ = _run(["datasets"], capsys)
-    assert code == 0 and "synth" in out and "data.n_train" in out
+    assert code == 0 and "synth" in out and "--data NAME=VALUE" in out and "n_train" in out
 
 
 @pytest.mark.parametrize(

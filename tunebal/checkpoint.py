@@ -16,7 +16,14 @@ A checkpoint is ONE Arrow IPC ("Feather v2") file:
   ========  ==================  =================================================
 
 * the schema metadata key ``b"tunebal"`` holding JSON
-  ``{"format_version": 1, "tree": <skeleton>, "meta": <meta>}``.
+  ``{"format_version": 2, "tree": <skeleton>, "meta": <meta>}``;
+
+* the schema metadata key ``b"tunebal_sha256"``: one sha256 over every byte of the file
+  (tunebal/sealed.py), checked before anything in the file is used. It covers the tensor
+  payloads, the row index (names, dtypes, shapes, kinds), the skeleton, the meta JSON and
+  the Arrow footer, so an edited or corrupted file is rejected with one line, never
+  half-loaded. (Format version 1 files had only the per-row ``sha256`` column, which left
+  the metadata and footer unauthenticated; they are refused.)
 
 The *skeleton* is the state tree with every tensor replaced by a reference to its
 row, and with enough type information to rebuild it exactly:
@@ -43,8 +50,9 @@ back as lists and non-string keys as strings there.  Non-finite floats are
 written as the (Python-readable) ``NaN`` / ``Infinity`` tokens.
 
 Loading uses only pyarrow, ``json``, ``numpy.frombuffer`` and ``torch.from_numpy``;
-every byte payload is checked against its sha256 and its dtype/shape before a
-tensor is built.  Any problem with a file raises :class:`CheckpointError` with one
+the whole file is checked against its digest, and every payload against its
+dtype/shape, before a tensor is built. The per-row ``sha256`` column stays for tools
+that read the table directly (:func:`experiment_dataset`).  Any problem with a file raises :class:`CheckpointError` with one
 line naming the file.
 
 Limitations: tensors that share storage (tied weights) are stored and loaded as
@@ -69,6 +77,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from tunebal import sealed
 from tunebal.errors import CheckpointError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -83,7 +92,7 @@ __all__ = [
     "experiment_dataset",
 ]
 
-FORMAT_VERSION: int = 1
+FORMAT_VERSION: int = 2
 CHECKPOINT_FILENAME = "tunebal_checkpoint.arrow"
 
 _META_KEY = b"tunebal"
@@ -245,7 +254,9 @@ def _parallel_map(fn: Callable[[int], Any], sizes: Sequence[int]) -> list[Any]:
     return out
 
 
-def _build_batches(state: Mapping[str, Any], meta: Mapping[str, Any]) -> tuple[pa.Schema, list[pa.RecordBatch]]:
+def _build_batches(
+    state: Mapping[str, Any], meta: Mapping[str, Any]
+) -> tuple[pa.Schema, list[pa.RecordBatch], str]:
     if not isinstance(state, Mapping):
         raise TypeError(f"state must be a mapping, got {type(state).__name__}")
     if not isinstance(meta, Mapping):
@@ -257,7 +268,8 @@ def _build_batches(state: Mapping[str, Any], meta: Mapping[str, Any]) -> tuple[p
         default=_json_default,
         separators=(",", ":"),
     )
-    schema = SCHEMA.with_metadata({_META_KEY: header.encode("utf-8")})
+    placeholder = sealed.placeholder()
+    schema = SCHEMA.with_metadata({_META_KEY: header.encode("utf-8"), sealed.DIGEST_KEY: placeholder.encode()})
 
     sizes = [leaf.nbytes for leaf in leaves]
     digests = _parallel_map(lambda i: hashlib.sha256(memoryview(leaves[i].source)).hexdigest(), sizes)
@@ -296,7 +308,7 @@ def _build_batches(state: Mapping[str, Any], meta: Mapping[str, Any]) -> tuple[p
                 flush(lo, i + 1)
                 lo, pending = i + 1, 0
     flush(lo, len(leaves))
-    return schema, batches
+    return schema, batches, placeholder
 
 
 def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any], meta: Mapping[str, Any]) -> int:
@@ -308,7 +320,7 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any], meta: Map
     Raises ``TypeError`` for values that cannot be stored (a programming error).
     """
     path = Path(path)
-    schema, batches = _build_batches(state, meta)
+    schema, batches, placeholder = _build_batches(state, meta)
     directory = path.parent
     directory.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
@@ -318,6 +330,7 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any], meta: Map
             with pa.ipc.new_file(sink, schema) as writer:
                 for batch in batches:
                     writer.write_batch(batch)
+        sealed.seal(tmp, placeholder)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -392,19 +405,29 @@ def _check_exists(path: Any) -> None:
         raise CheckpointError(f"checkpoint is not a file: {os.fspath(path)}")
 
 
+def _verified_reader(path: Any, whole: pa.Buffer) -> pa.ipc.RecordBatchFileReader:
+    """The Arrow reader of the file's bytes ``whole``, after checking the whole-file digest."""
+    reader = _open_reader(path, whole)
+    try:
+        sealed.verify(whole, reader.schema.metadata)
+    except ValueError as exc:
+        raise _fail(path, str(exc)) from None
+    return reader
+
+
 def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """Return the ``meta`` dict of a checkpoint, reading only the file's footer/schema."""
+    """Return the ``meta`` dict of a checkpoint (after verifying the whole file's digest)."""
     _check_exists(path)
     try:
         with pa.memory_map(os.fspath(path), "r") as source:
-            schema = _open_reader(path, source).schema
+            schema = _verified_reader(path, source.read_buffer()).schema
     except OSError as exc:
         raise _fail(path, _one_line(exc)) from None
     return _parse_header(path, schema)["meta"]
 
 
 class _Rows:
-    """The verified tensors/arrays of a checkpoint table, one per row."""
+    """The tensors/arrays of a verified checkpoint table, one per row (dtype/shape-checked)."""
 
     def __init__(self, path: Any, table: pa.Table, map_location: Any):
         self.path = path
@@ -414,7 +437,6 @@ class _Rows:
         self.dtypes = table.column("dtype").to_pylist()
         self.shapes = table.column("shape").to_pylist()
         self.kinds = table.column("kind").to_pylist()
-        self.digests = table.column("sha256").to_pylist()
         self.payloads: list[np.ndarray] = []  # zero-copy views of each row's bytes
         for chunk in table.column("data").chunks:
             _, off_buf, data_buf = chunk.buffers()
@@ -433,9 +455,7 @@ class _Rows:
 
     def _materialise(self, row: int) -> torch.Tensor | np.ndarray:
         name, shape, dtype_name, kind = self.names[row], self.shapes[row], self.dtypes[row], self.kinds[row]
-        raw = self.payloads[row]
-        if hashlib.sha256(memoryview(raw)).hexdigest() != self.digests[row]:
-            raise _fail(self.path, f"sha256 mismatch for tensor {name!r} (payload corrupted or tampered with)")
+        raw = self.payloads[row]  # covered by the whole-file digest checked before this
         if any(d is None or d < 0 for d in shape):
             raise _fail(self.path, f"tensor {name!r} has an invalid shape {shape}")
         if kind == "torch":
@@ -525,14 +545,15 @@ def load_checkpoint(
     """Read a checkpoint written by :func:`save_checkpoint`; return ``(state, meta)``.
 
     Tensors come back as writable tensors on ``map_location``; numpy arrays as numpy
-    arrays; dict keys keep their types (int vs str) and tuples stay tuples.  Every
-    payload is verified against its sha256.  Raises :class:`CheckpointError` (one
+    arrays; dict keys keep their types (int vs str) and tuples stay tuples.  The whole
+    file is verified against its digest before anything is decoded.  Raises :class:`CheckpointError` (one
     line naming the file) for a missing, truncated, tampered or foreign file.
     """
     _check_exists(path)
     try:
         with pa.memory_map(os.fspath(path), "r") as source:
-            reader = _open_reader(path, source)
+            whole = source.read_buffer()
+            reader = _verified_reader(path, whole)
             header = _parse_header(path, reader.schema)
             try:
                 table = reader.read_all()
@@ -547,12 +568,25 @@ def load_checkpoint(
                 state = _decode(header["tree"], rows)
             except (ValueError, TypeError, KeyError, OverflowError, RecursionError) as exc:
                 raise _fail(path, f"malformed tree ({_one_line(exc)})") from None
-            del rows, table, reader
+            del rows, table, reader, whole
     except OSError as exc:
         raise _fail(path, _one_line(exc)) from None
     if not isinstance(state, dict):
         raise _fail(path, "the state tree is not a dict")
     return state, header["meta"]
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of an exception's message (for one-line errors)."""
+    return _one_line(exc)
+
+
+def check_checkpoint_matches(path: str | os.PathLike, meta: Mapping[str, Any], method: str, dataset: str) -> None:
+    """Refuse a (verified) checkpoint written for another method or dataset than the one it is loaded into."""
+    for key, want in (("method", method), ("dataset", dataset)):
+        got = meta.get(key)
+        if got is not None and got != want:
+            raise _fail(path, f"written for {key} {got!r}, not {want!r}")
 
 
 # --------------------------------------------------------------------------- dataset

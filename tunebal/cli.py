@@ -64,6 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test", help="train, val or test")
     e.add_argument("--device", default="auto")
 
+    pr = sub.add_parser("prepare", help="decode a raw dataset once into Arrow shards (resumable)")
+    pr.add_argument("dataset", help="dataset with raw files (see `tunebal datasets`)")
+    pr.add_argument("--root", default=None, help="raw dataset root (manifest: defaults to the CSV's folder)")
+    pr.add_argument("--out", required=True, help="directory of the prepared shards and manifest.json")
+    pr.add_argument("--data", dest="data_values", action="append", default=[], metavar="KNOB=VALUE",
+                    help="preparation knob (repeatable), e.g. --data profile=ogm22k")
+    pr.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes (default: all CPUs)")
+    pr.add_argument("--shard-size", type=int, default=256, help="clips per shard file")
+    pr.add_argument("--skip-bad", action="store_true", help="skip absent or undecodable clips and list them in skipped.txt")
+    pr.add_argument("--verify", action="store_true", help="also check every shard's sha256 when already prepared")
+    pr.add_argument("--no-progress", action="store_true")
+
     sub.add_parser("methods", help="list methods and their knobs")
     sub.add_parser("datasets", help="list datasets and their knobs")
 
@@ -95,13 +107,44 @@ def cmd_methods() -> None:
             print("  " + knob.describe())
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from tunebal.data import get_dataset_spec
+    from tunebal.data.prepare import run_prepare
+
+    spec = get_dataset_spec(args.dataset)
+    if spec.preparer is None:
+        raise ConfigError(f"dataset '{args.dataset}' has nothing to prepare (it is generated in memory)")
+    values = _assignments(args.data_values)
+    unknown = sorted(set(values) - set(spec.preparer.knobs.names()))
+    if unknown:
+        raise ConfigError(
+            f"unknown preparation knob(s) {', '.join(unknown)} for {args.dataset}; valid: {', '.join(spec.preparer.knobs.names())}"
+        )
+    root = args.root
+    if root is None:
+        if args.dataset != "manifest" or "manifest" not in values:
+            raise ConfigError("prepare needs --root RAW (the raw dataset's folder)")
+        root = str(Path(values["manifest"]).expanduser().resolve().parent)
+    report = run_prepare(
+        spec.preparer, root, args.out, values, workers=args.workers, skip_bad=args.skip_bad,
+        shard_size=args.shard_size, verify=args.verify, progress=not args.no_progress,
+    )
+    print(f"tunebal: {report.line()}")
+    if report.missing:
+        print(f"tunebal: {len(report.missing)} missing clips listed in {Path(args.out) / 'missing.txt'}")
+    if report.skipped:
+        print(f"tunebal: {len(report.skipped)} skipped clips listed in {Path(args.out) / 'skipped.txt'}")
+    return 0
+
+
 def cmd_datasets() -> None:
     from tunebal.data import DATASETS
 
     for name, spec in sorted(DATASETS.items()):
         print(f"{name}: {spec.description}")
+        print("  knobs (--data NAME=VALUE):")
         for knob in spec.knobs:
-            print("  data." + knob.describe())
+            print("    " + knob.describe())
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -180,6 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_search(args)
         if args.command == "train":
             return cmd_train(args)
+        if args.command == "prepare":
+            return cmd_prepare(args)
         if args.command == "evaluate":
             return cmd_evaluate(args)
         return cmd_bench(args)

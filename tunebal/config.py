@@ -23,6 +23,8 @@ COMMON_KNOBS = knobs(
     Knob("fusion", "str", "concat", "fusion module", choices=FUSIONS),
     Knob("backbone", "str", "auto", "encoder: auto (small for synth, resnet18 otherwise)", choices=("auto", *BACKBONES)),
     Knob("width", "int", 16, "first-stage channels of the small encoder", low=1, high=512),
-    Knob("seed", "int", 0, "seed of initialisation, shuffling and method randomness", low=0),
+    Knob("seed", "int", 0, "seed of initialisation, shuffling and method randomness", low=0, high=2**31 - 1),
     Knob("amp", "bool", True, "bf16 autocast and channels_last on CUDA (ignored on CPU)"),
+    Knob("pretrained", "str", "", "local file of torchvision ImageNet ResNet18 weights for resnet18 encoders ('' = random init)"),
+    Knob("loader_workers", "int", -1, "data-loader worker processes for prepared (sharded) datasets; -1 = one per CPU thread, at most 8", low=-1, high=64),
 )

@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from tunebal import __version__
-from tunebal.checkpoint import load_checkpoint, save_checkpoint
+from tunebal.checkpoint import check_checkpoint_matches, load_checkpoint, one_line, save_checkpoint
 from tunebal.config import COMMON_KNOBS
-from tunebal.data.base import MultimodalData, Split
-from tunebal.errors import ConfigError, NonFiniteLossError
+from tunebal.data.base import MultimodalData, Source, Split
+from tunebal.errors import CheckpointError, ConfigError, NonFiniteLossError
 from tunebal.methods import Method, StepContext, get_method_class
 from tunebal.metrics import classification_metrics, modality_metrics
 from tunebal.models import MultimodalModel, build_model
@@ -62,6 +62,24 @@ def pick_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
+class _PlannedBatches:
+    """A map-style dataset whose items are whole batches: ``(epoch, train, indices)`` -> batch.
+
+    The engine's plan (seeded order, no dropped evaluation samples) is the sampler, so the
+    loader's workers only decode; ``batch_size=None`` turns off the loader's own batching.
+    """
+
+    def __init__(self, source: Source) -> None:
+        self.source = source
+
+    def __getitem__(self, item: tuple[int, bool, list[int]]):
+        epoch, train, indices = item
+        return self.source.batch(indices, epoch=epoch, train=train)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+
 class Engine:
     """Trains and evaluates one configuration; ``epoch`` counts completed epochs."""
 
@@ -87,6 +105,8 @@ class Engine:
         backbone = self.common["backbone"]
         if backbone == "auto":
             backbone = "small" if data.name == "synth" else "resnet18"
+        if self.common["pretrained"] and backbone != "resnet18":
+            raise ConfigError(f"knob 'pretrained' loads ResNet18 ImageNet weights; backbone is '{backbone}'")
         self.model: MultimodalModel = build_model(
             data.modalities,
             data.kinds,
@@ -95,6 +115,7 @@ class Engine:
             backbone=backbone,
             fusion=self.common["fusion"],
             width=self.common["width"],
+            pretrained=self.common["pretrained"],
         ).to(self.device)
         if self.use_amp:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -126,12 +147,13 @@ class Engine:
     RESIDENT_BYTES = 2 << 30
 
     def _place_data(self) -> dict[int, Split]:
-        """On CUDA, a dataset smaller than 2 GiB is copied to the GPU once, so batches are
-        gathered on the device; larger ones are gathered on the CPU into pinned memory and
-        copied asynchronously. Keyed by ``id`` of the CPU split."""
-        if self.device.type != "cuda":
-            return {}
+        """On CUDA, an in-memory dataset smaller than 2 GiB is copied to the GPU once, so batches
+        are gathered on the device; larger ones are gathered on the CPU into pinned memory and
+        copied asynchronously. Streaming (sharded) datasets always go through loader workers.
+        Keyed by ``id`` of the CPU split."""
         splits = [self.data.train, self.data.val, self.data.test]
+        if self.device.type != "cuda" or not all(isinstance(s, Split) for s in splits):
+            return {}
         size = sum(x.numel() * x.element_size() for s in splits for x in s.inputs.values())
         if size > self.RESIDENT_BYTES:
             return {}
@@ -145,43 +167,74 @@ class Engine:
             return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device, non_blocking=True)
+    def _to_device(self, modality: str, x: torch.Tensor) -> torch.Tensor:
+        x = self.data.to_model_input(modality, x.to(self.device, non_blocking=True))
         if self.use_amp and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def iterate(self, split: Split, shuffle: bool, batch_size: int | None = None) -> Iterator[Batch]:
-        """Mini-batches of ``split`` on the device.
+    def batch_plan(self, n: int, shuffle: bool, batch_size: int | None = None) -> list[torch.Tensor]:
+        """The index batches of one pass over ``n`` samples.
 
         Training order is a permutation seeded by (seed, epoch), so a resumed run sees the same
         batches. Evaluation visits every sample in order; nothing is dropped. In training a
         trailing batch of a single sample is skipped (BatchNorm cannot train on it).
         """
-        n = len(split)
         bs = batch_size or self.common["batch_size"]
-        source = self._resident.get(id(split), split)
-        pin = self.device.type == "cuda" and source is split
         if shuffle:
             gen = torch.Generator().manual_seed(self.common["seed"] * 1_000_003 + self.epoch)
             order = torch.randperm(n, generator=gen)
         else:
-            order = None
-        for start in range(0, n, bs):
-            if order is None:
-                stop = min(start + bs, n)
-                inputs = {m: source.inputs[m][start:stop] for m in self.data.modalities}
-                labels = source.labels[start:stop]
+            order = torch.arange(n)
+        plan = [order[start : start + bs] for start in range(0, n, bs)]
+        if shuffle and n > 1 and len(plan[-1]) == 1:
+            plan.pop()
+        return plan
+
+    def loader_workers(self) -> int:
+        """Loader worker processes for a streaming dataset (``loader_workers`` knob; -1: one per
+        CPU thread this process may use, at most 8)."""
+        workers = self.common["loader_workers"]
+        return min(8, torch.get_num_threads()) if workers < 0 else workers
+
+    def iterate(self, split: Source, shuffle: bool, batch_size: int | None = None) -> Iterator[Batch]:
+        """Mini-batches of ``split`` on the device, in the order of :meth:`batch_plan`.
+
+        In-memory splits are gathered directly (on the GPU when resident). Streaming splits are
+        read, decoded and augmented by a ``torch.utils.data.DataLoader`` with
+        :meth:`loader_workers` workers; augmentation is seeded by (dataset seed, epoch, sample
+        index) inside the source, so the batches do not depend on the worker count.
+        """
+        plan = self.batch_plan(len(split), shuffle, batch_size)
+        if getattr(split, "streaming", False):
+            yield from self._iterate_streaming(split, plan, train=shuffle)
+            return
+        source = self._resident.get(id(split), split)
+        pin = self.device.type == "cuda" and source is split
+        for idx in plan:
+            if shuffle:
+                inputs, labels = source.batch(idx.to(source.labels.device))
             else:
-                idx = order[start : start + bs]
-                if len(idx) == 1 and n > 1:
-                    continue
-                idx = idx.to(source.labels.device)
-                inputs = {m: source.inputs[m].index_select(0, idx) for m in self.data.modalities}
-                labels = source.labels.index_select(0, idx)
+                inputs, labels = source.slice(int(idx[0]), int(idx[-1]) + 1)
             if pin:
                 inputs = {m: x.pin_memory() for m, x in inputs.items()}
-            yield {m: self._to_device(x) for m, x in inputs.items()}, labels.to(self.device, non_blocking=True)
+            yield {m: self._to_device(m, x) for m, x in inputs.items()}, labels.to(self.device, non_blocking=True)
+
+    def _iterate_streaming(self, split: Source, plan: list[torch.Tensor], train: bool) -> Iterator[Batch]:
+        from torch.utils.data import DataLoader
+
+        items = [(self.epoch, train, idx.tolist()) for idx in plan]
+        workers = self.loader_workers()
+        loader = DataLoader(
+            _PlannedBatches(split),
+            sampler=items,
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=2 if workers else None,
+        )
+        for inputs, labels in loader:
+            yield {m: self._to_device(m, x) for m, x in inputs.items()}, labels.to(self.device, non_blocking=True)
 
     # --- training --------------------------------------------------------------------------
     def train_step(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> StepContext:
@@ -324,5 +377,9 @@ class Engine:
     def load(self, path: str) -> dict[str, Any]:
         """Restore from an Arrow checkpoint written by ``save``; returns its metadata."""
         state, meta = load_checkpoint(path, map_location=self.device)
-        self.load_state(state)
+        check_checkpoint_matches(path, meta, self.method_name, self.data.name)
+        try:
+            self.load_state(state)
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:  # config vs tensors
+            raise CheckpointError(f"checkpoint {path} does not fit the model and method its config describes ({one_line(exc)})") from None
         return meta

@@ -42,6 +42,7 @@ def _register_builtin() -> None:
     from tunebal.data import synth
 
     register_dataset(synth.SPEC)
+    # REAL_DATASETS_PENDING
 
 
 _register_builtin()

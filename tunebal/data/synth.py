@@ -69,7 +69,8 @@ import numpy as np
 import torch
 
 from tunebal.data.audio import log_spectrogram
-from tunebal.data.base import SPLITS, DatasetSpec, MultimodalData, Split, read_array_file, write_array_file
+from tunebal.data.arrays import read_array_file, write_array_file
+from tunebal.data.base import SPLITS, DatasetSpec, MultimodalData, Split
 from tunebal.errors import ConfigError, DataError
 from tunebal.knobs import Knob, knobs
 
@@ -375,16 +376,61 @@ def _read_cache(path: Path, values: dict[str, Any]) -> dict[str, dict[str, np.nd
     return arrays
 
 
+def memory_estimate(values: dict[str, Any]) -> tuple[int, int]:
+    """(bytes of the finished arrays, peak bytes while generating them): float32 spectrograms,
+    frames and text vectors, int64 labels; generation adds one split's float64 waveforms,
+    noise and Gabor intermediates."""
+    n_total = sum(split_size(values, s) for s in SPLITS)
+    n_max = max(split_size(values, s) for s in SPLITS)
+    pixels = values["frames"] * CHANNELS * values["image_size"] ** 2
+    per_sample = 8 + 4 * (1 + N_FFT // 2) * (1 + NUM_SAMPLES // HOP_LENGTH) + 4 * pixels
+    if values["modalities"] >= 3:
+        per_sample += 4 * values["text_dim"]
+    transient = NUM_SAMPLES * (8 + 4 + 8 + 4) + pixels * (8 + 8 + 8 + 4)
+    final = n_total * per_sample
+    return final, final + n_max * transient
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (MemAvailable), or 0 when unknown."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:  # pragma: no cover - psutil comes with ray
+        return 0
+
+
+def check_memory(values: dict[str, Any], generating: bool) -> None:
+    """Refuse, before allocating anything, a synth dataset larger than the available memory."""
+    final, peak = memory_estimate(values)
+    need = peak if generating else final
+    have = available_memory()
+    if have and need > have:
+        sizes = ", ".join(f"n_{s}={split_size(values, s)}" for s in SPLITS)
+        raise ConfigError(
+            f"synth: {sizes} needs about {need / 2**30:.1f} GiB of memory "
+            f"({'to generate' if generating else 'to load'}), more than the {have / 2**30:.1f} GiB available; "
+            "use fewer samples (--data n_train=...)"
+        )
+
+
 def build_synth(*, use_cache: bool = True, **values: Any) -> MultimodalData:
-    """Build ``synth`` from resolved knob values, reading or filling the Arrow cache."""
+    """Build ``synth`` from resolved knob values, reading or filling the verified Arrow cache.
+
+    A cache file that fails verification (tunebal/data/arrays.py) is reported with one
+    warning line naming the file and regenerated (and rewritten).
+    """
     values = SYNTH_KNOBS.resolve(values, where="synth: ")  # idempotent; also fills defaults
     _check(values)
     path = cache_path(values) if use_cache else None
     if path is not None and path.exists():
+        check_memory(values, generating=False)
         try:
             return _to_data(values, _read_cache(path, values), str(path))
-        except Exception as exc:  # truncated or foreign file: regenerate and overwrite it
-            log.warning("synth: ignoring unreadable cache %s (%s)", path, " ".join(str(exc).split()))
+        except DataError as exc:  # truncated, corrupt, edited or foreign file: regenerate and overwrite it
+            log.warning("synth: regenerating the corrupt cache %s (%s)", path, " ".join(str(exc).split()))
+    check_memory(values, generating=True)
     arrays = generate(values)
     if path is not None:
         try:

@@ -61,15 +61,23 @@ class BlockEncoder(nn.Module):
         return self.pool(h, x.shape[0])
 
 
-def resnet18_encoder(kind: str, in_channels: int) -> BlockEncoder:
-    """torchvision's ResNet18 (random init) cut into its four residual stages.
+def resnet18_encoder(kind: str, in_channels: int, pretrained: str = "") -> BlockEncoder:
+    """torchvision's ResNet18 cut into its four residual stages.
 
-    Spectrograms use a 1-channel stem, as in the OGM-GE/OPM audio encoders (seed 002 §4.2).
+    Spectrograms use a 1-channel stem, as in the OGM-GE/OPM audio encoders (OPM/OGM, TPAMI
+    2024, §4.2). ``pretrained`` names a local file of torchvision's ImageNet weights (no
+    download at run time; loaded without unpickling arbitrary objects by
+    :func:`tunebal.models.pretrained.load_imagenet_resnet18`, which averages the stem over the
+    RGB channels for other channel counts); '' keeps the random initialisation.
     """
     net = resnet18(weights=None)
     if in_channels != 3:
         net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
         nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+    if pretrained:
+        from tunebal.models.pretrained import load_imagenet_resnet18
+
+        load_imagenet_resnet18(net, pretrained, in_channels)
     stage1 = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1)
     return BlockEncoder(kind, [stage1, net.layer2, net.layer3, net.layer4], out_dim=512)
 
@@ -102,16 +110,19 @@ def mlp_encoder(in_dim: int, widths: tuple[int, ...] = (64, 64, 128, 128)) -> Bl
 BACKBONES = ("small", "resnet18")
 
 
-def build_encoder(kind: str, input_shape: tuple[int, ...], backbone: str, width: int = 16) -> BlockEncoder:
+def build_encoder(
+    kind: str, input_shape: tuple[int, ...], backbone: str, width: int = 16, pretrained: str = ""
+) -> BlockEncoder:
     """Encoder for one modality from its input kind and shape.
 
-    ``width`` is the first stage's channel count of the small encoder (doubling per stage).
+    ``width`` is the first stage's channel count of the small encoder (doubling per stage);
+    ``pretrained`` (a local ImageNet weights file) applies to ResNet18 encoders only.
     """
     if kind == "vector":
         return mlp_encoder(input_shape[0], tuple(width * m for m in (4, 4, 8, 8)))
     in_channels = input_shape[0] if kind == "spectrogram" else input_shape[1]
     if backbone == "resnet18":
-        return resnet18_encoder(kind, in_channels)
+        return resnet18_encoder(kind, in_channels, pretrained)
     if backbone == "small":
         return small_conv_encoder(kind, in_channels, tuple(width * m for m in (1, 2, 4, 8)))
     raise ValueError(f"unknown backbone {backbone!r}; valid: {', '.join(BACKBONES)}")

@@ -79,7 +79,8 @@ def build_model(
     backbone: str = "small",
     fusion: str = "concat",
     width: int = 16,
+    pretrained: str = "",
 ) -> MultimodalModel:
-    encoders = {m: build_encoder(kinds[m], input_shapes[m], backbone, width) for m in modalities}
+    encoders = {m: build_encoder(kinds[m], input_shapes[m], backbone, width, pretrained) for m in modalities}
     fusion_module = build_fusion(fusion, [encoders[m].out_dim for m in modalities])
     return MultimodalModel(encoders, fusion_module, num_classes)

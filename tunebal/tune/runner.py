@@ -1,7 +1,9 @@
 """Run a search: Tuner with ASHA/FIFO and Optuna/random search, restore, and the summary.
 
-``run_search`` validates everything before Ray starts (space, knobs, dataset), so bad input
-is one line and exit 2, never a half-started cluster. After ``Tuner.fit`` the best trial by
+``run_search`` validates everything before Ray starts (options, --name, --storage, the
+experiment directory, resources, the --address, the space, knobs and dataset, and on
+--resume the experiment's saved state; tunebal/tune/preflight.py), so bad input is one line
+and exit 2 within seconds, never a half-started cluster or a wait without end. After ``Tuner.fit`` the best trial by
 *validation* accuracy (over all its epochs) has its best checkpoint evaluated once on
 *test* (as a Ray task with the trial's resources), and the summary is printed and written
 as ``summary.json`` and ``trials.csv`` in the experiment directory.
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tunebal.errors import ConfigError
+from tunebal.tune import preflight
 from tunebal.tune.spaces import apply_overrides, load_space, searched_knobs
 
 METRIC, MODE = "val/acc", "max"
@@ -66,11 +69,53 @@ class SearchOptions:
             raise ConfigError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
         if self.max_concurrent is not None and self.max_concurrent < 1:
             raise ConfigError(f"--max-concurrent must be >= 1, got {self.max_concurrent}")
+        preflight.check_numbers(self)
+        if self.resume and self.name is None:
+            raise ConfigError("--resume needs --name of the experiment to resume")
+        if self.name is not None:
+            preflight.check_name(self.name)
 
     @property
     def experiment_dir(self) -> Path:
         assert self.name is not None
         return Path(self.storage).expanduser().resolve() / self.name
+
+
+def check_before_ray(opts: SearchOptions) -> None:
+    """Options, name, storage, experiment directory, local resources and the address: all
+    checked in seconds, before anything is generated or Ray starts."""
+    import datetime as dt
+
+    opts.validate()
+    preflight.check_storage(opts.storage)
+    if opts.name is None:
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        opts.name = f"{opts.method}-{opts.dataset}-{stamp}"
+    preflight.check_experiment_dir(opts.experiment_dir, opts.resume)
+    address = opts.address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        preflight.probe_address(address)
+    elif not _ray_initialized():
+        preflight.check_resources(
+            opts.cpus_per_trial, opts.gpus_per_trial, preflight.local_cpus(), preflight.local_gpus(), "this machine"
+        )
+
+
+def _ray_initialized() -> bool:
+    import sys
+
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and ray.is_initialized())
+
+
+def check_cluster(opts: SearchOptions) -> None:
+    """After connecting: a trial must fit the cluster's resources (Tune would wait forever)."""
+    import ray
+
+    total = ray.cluster_resources()
+    preflight.check_resources(
+        opts.cpus_per_trial, opts.gpus_per_trial, float(total.get("CPU", 0)), float(total.get("GPU", 0)), "the Ray cluster"
+    )
 
 
 def prepare(opts: SearchOptions) -> dict[str, Any]:
@@ -103,6 +148,7 @@ def init_ray(address: str | None, include_dashboard: bool | None = None) -> None
     if ray.is_initialized():
         return
     if address:
+        preflight.probe_address(address)
         ray.init(address=address, log_to_driver=False)
     elif os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=False)
@@ -188,13 +234,18 @@ def run_search(
 
     ``space`` replaces the YAML space with a ready Tune param space (programmatic use).
     """
+    from tunebal import signals
+    from tunebal.tune import state_guard
     from tunebal.tune.report import summarize
 
-    if opts.resume and opts.name is None:
-        raise ConfigError("--resume needs --name of the experiment to resume")
+    check_before_ray(opts)
     yaml_space = prepare(opts)
     space = yaml_space if space is None else space
+    if opts.resume:
+        state_guard.verify(opts.experiment_dir)  # before Ray unpickles anything in it
     init_ray(opts.address, include_dashboard)
+    signals.install()  # ray.init replaced the SIGTERM handler
+    check_cluster(opts)
     tuner = restore_tuner(opts) if opts.resume else build_tuner(opts, space)
     results = tuner.fit()
     return summarize(results, opts, searched_knobs(space))
