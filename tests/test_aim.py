@@ -285,7 +285,7 @@ def test_decoupler_is_smaller_than_the_encoder(name, encoder):
 def test_phases_before_and_after_start_epoch(small_data):
     cfg = {**COMMON, "epochs": 2, "seed": 3}
     base = Engine(small_data, "baseline", cfg, device="cpu")
-    aim = Engine(small_data, "aim", {**cfg, "start_epoch": 1, "proto_steps": 3}, device="cpu")
+    aim = Engine(small_data, "aim", {**cfg, "start_epoch": 1, "proto_steps": 3, "pam_after_start": False}, device="cpu")
     method: AIM = aim.method  # type: ignore[assignment]
     assert not method.dap_fitted
     protos0 = {m: p.detach().clone() for m, p in method.dap.protos.items()}
@@ -311,7 +311,7 @@ def test_phases_before_and_after_start_epoch(small_data):
     assert all(not torch.equal(protos1[m], method.dap.protos[m]) for m in protos1)
 
     # epoch 1 >= E: the modulation loss is active and changes the framework's trajectory;
-    # Algorithm 1 line 10 updates the framework and the DAP only: the decoupler stays put
+    # pam_after_start=false (Algorithm 1 line 10 read literally): the decoupler stays put
     dec1 = {k: v.clone() for k, v in method.decoupler.state_dict().items()}
     base.run_epoch()
     metrics = aim.run_epoch()
@@ -446,3 +446,301 @@ def test_search_space_loads():
     assert {"start_epoch", "lr", "latent_dim"} <= set(searched_knobs(space))
     start = space["start_epoch"]
     assert start.lower == 0 and start.upper == 5  # randint [0, 0.5·8] inclusive
+
+
+# --------------------------------------------------------------------------- Algorithm 1's wiring
+
+
+def _cdist_logits(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """−δ by torch's own elementwise Euclidean distance (independent of losses.py)."""
+    return -torch.cdist(x.reshape(x.shape[0], -1), p.reshape(p.shape[0], -1), compute_mode="donot_use_mm_for_euclid_dist")
+
+
+def _s_and_ce(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    p = torch.softmax(logits, dim=1)[torch.arange(len(labels)), labels]
+    return p.mean(), nn.functional.cross_entropy(logits, labels)
+
+
+def _hand_decouple(layer, weight: torch.Tensor, bias: torch.Tensor | None, branch: str):
+    """θ^b or θ^a of one layer written out (Eq. 7), plus ||θ − Ψ(θ_lat)||² (Eq. 8)."""
+    rows = weight.reshape(weight.shape[0], -1)
+    if bias is not None:
+        rows = torch.cat([rows, bias[:, None]], 1)
+    lat = rows @ layer.lat.weight.t() + layer.lat.bias
+    w = torch.sigmoid(lat @ layer.mask.weight.t() + layer.mask.bias)
+    keep = w if branch == "aux" else 1 - w
+    new = (lat * keep) @ layer.dec.weight.t() + layer.dec.bias
+    rec = (rows - (lat @ layer.dec.weight.t() + layer.dec.bias)).pow(2).sum()
+    if bias is not None:
+        return new[:, :-1].reshape(weight.shape), new[:, -1], rec
+    return new.reshape(weight.shape), None, rec
+
+
+def _hand_block(block: nn.Module, dec, x: torch.Tensor, branch: str, const_theta: bool):
+    """Run ``block`` with its decoupled weights built by hand, on clones of its buffers."""
+    params = dict(block.named_parameters())
+    if const_theta:
+        params = {k: v.detach() for k, v in params.items()}
+    new, rec = {}, 0.0
+    for (wname, bname), layer in zip(dec.names, dec.layers):
+        w, b, r = _hand_decouple(layer, params[wname], params[bname] if bname else None, branch)
+        new[wname] = w
+        if bname:
+            new[bname] = b
+        rec = rec + r
+    buffers = {k: v.clone() for k, v in block.named_buffers()}
+    return torch.func.functional_call(block, {**params, **new, **buffers}, (x,)), rec
+
+
+WIRING = {**FAST, "epochs": 1, "start_epoch": 0, "seed": 3, "ce_weight": 0.7, "mod_weight": 1.3, "rec_weight": 0.4}
+
+
+def _engine_step_grads(eng: Engine):
+    """One engine step on the first shuffled batch; returns (batch, loss, gradients of the
+    framework, the decoupler and the DAP as the engine had them before its optimisers stepped,
+    copies of model/decoupler/DAP taken before the step)."""
+    method: AIM = eng.method  # type: ignore[assignment]
+    method.on_epoch_start(eng)  # fits the DAP once (interpretation 5)
+    if method.decoupler is not None:  # a decoupler that has learnt something: ŝ ≠ s, w ≠ 0.5
+        gen = torch.Generator().manual_seed(11)
+        with torch.no_grad():
+            for name, p in method.decoupler.named_parameters():
+                if ".mask." in name:
+                    p.add_(torch.randn(p.shape, generator=gen))
+    eng.model.train()
+    inputs, labels = next(eng.iterate(eng.data.train, shuffle=True))
+    before = (copy.deepcopy(eng.model), copy.deepcopy(method.decoupler), copy.deepcopy(method.dap))
+    grads: dict[str, dict[str, torch.Tensor | None]] = {}
+
+    def snapshot(ctx, orig=method.after_backward):
+        for key, mod in (("model", eng.model), ("dec", method.decoupler), ("dap", method.dap)):
+            if mod is not None:
+                grads[key] = {n: None if p.grad is None else p.grad.clone() for n, p in mod.named_parameters()}
+        return orig(ctx)
+
+    method.after_backward = snapshot  # type: ignore[method-assign]
+    ctx = eng.train_step(inputs, labels)
+    return inputs, labels, float(ctx.loss.detach()), grads, before
+
+
+def _close(got: dict, want: dict, what: str) -> None:
+    assert set(got) == set(want), what
+    for n in want:
+        g = torch.zeros_like(want[n]) if got[n] is None else got[n]
+        scale = float(want[n].abs().max()) + 1e-6
+        assert float((g - want[n]).abs().max()) <= 1e-3 * scale + 1e-7, f"{what}: {n}"
+
+
+@pytest.mark.parametrize("aux_form", ["factorised", "direct"])
+def test_one_step_matches_hand_built_algorithm_1(small_data, aux_form):
+    """One modulation step against CE + Σ_d α_d Σ_m (ρ L + ρ̂ L̂) + L_pam + Eq. 5 written out with
+    torch ops: α from the original blocks' s (Eq. 14), ρ/ρ̂ from s and ŝ (Eq. 12), L̂ from the
+    auxiliary block θ^b(θ) on the original block's input with the decoupler constant (Eq. 13
+    reaches θ), L_pam from the complement block with θ, I_d and the DAP constant (Eq. 8),
+    and Eq. 5 training the DAP alone, the framework frozen and P_d constant in L_mod."""
+    eng = Engine(small_data, "aim", {**WIRING, "aux_form": aux_form}, device="cpu")
+    inputs, labels, loss, grads, (ref, dec, dap) = _engine_step_grads(eng)
+    mods, k, b = small_data.modalities, small_data.num_classes, len(labels)
+
+    # framework forward in train mode (BN running statistics move exactly as the engine's did)
+    ins, outs, feats = {}, {}, {}
+    for m in mods:
+        enc = ref.encoders[m]
+        h = enc.prepare(inputs[m])
+        ins[m], outs[m] = [], []
+        for block in enc.blocks:
+            ins[m].append(h)
+            h = block(h)
+            outs[m].append(h)
+        feats[m] = enc.pool(h, b)
+    ce = nn.functional.cross_entropy(ref.head(feats), labels)
+    # DAP (Eq. 6): prototypes through the frozen framework in eval mode, after this batch's update
+    frozen_ref = copy.deepcopy(ref).requires_grad_(False).eval()
+    protos, pfeats = {}, {}
+    for m in mods:
+        enc = frozen_ref.encoders[m]
+        h = enc.prepare(dap.protos[m])
+        protos[m] = []
+        for block in enc.blocks:
+            h = block(h)
+            protos[m].append(h)
+        pfeats[m] = enc.pool(h, k)
+    l_cls = nn.functional.cross_entropy(frozen_ref.head(pfeats), torch.arange(k))
+    l_rec = sum((dap.decoders[m](dap.protos[m]) - eng.method.class_means[m]).pow(2).sum() for m in mods) / (len(mods) * k)
+
+    depth = len(outs[mods[0]])
+    s = torch.zeros(len(mods), depth)
+    s_aux = torch.zeros(len(mods), depth)
+    L = [[None] * depth for _ in mods]
+    L_aux = [[None] * depth for _ in mods]
+    l_pam = 0.0
+    for i, m in enumerate(mods):
+        for d in range(depth):
+            target = protos[m][d].detach()
+            s_md, L[i][d] = _s_and_ce(_cdist_logits(outs[m][d].reshape(b, -1), target), labels)
+            s[i, d] = s_md.detach()
+            block, bdec = ref.encoders[m].blocks[d], dec.blocks[m][d]
+            dec_consts = copy.deepcopy(bdec).requires_grad_(False)
+            out, _ = _hand_block(block, dec_consts, ins[m][d], "aux", const_theta=False)
+            s_md, L_aux[i][d] = _s_and_ce(_cdist_logits(out.reshape(b, -1), target), labels)
+            s_aux[i, d] = s_md.detach()
+            out, rec = _hand_block(block, bdec, ins[m][d].detach(), "comp", const_theta=True)
+            l_pam = l_pam + _s_and_ce(_cdist_logits(out.reshape(b, -1), target), labels)[1] + rec
+    l_mod = 0.0
+    for d in range(depth):
+        col, col_aux = s[:, d], s_aux[:, d]
+        alpha = ((col - col.mean()) ** 2).mean().sqrt() / col.mean()
+        denom = torch.exp(-col).sum() + torch.exp(-col_aux).sum()
+        rho, rho_aux = torch.exp(-col) / denom, torch.exp(-col_aux) / denom
+        l_mod = l_mod + alpha * sum(rho[i] * L[i][d] + rho_aux[i] * L_aux[i][d] for i in range(len(mods)))
+    framework_loss = WIRING["ce_weight"] * ce + WIRING["mod_weight"] * l_mod
+    dap_loss = l_cls + WIRING["rec_weight"] * l_rec
+    total = framework_loss + l_pam + dap_loss
+    assert loss == pytest.approx(float(total.detach()), rel=1e-4)
+
+    def grads_of(loss, module):
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        gs = torch.autograd.grad(loss, [p for _, p in named], retain_graph=True, allow_unused=True)
+        return {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(named, gs)}
+
+    _close(grads["model"], grads_of(framework_loss, ref), "framework: ce_weight·CE + mod_weight·L_mod only")
+    _close(grads["dec"], grads_of(l_pam, dec), "decoupler: L_pam only")
+    _close(grads["dap"], grads_of(dap_loss, dap), "DAP: Eq. 5 only")
+
+
+def test_modulation_loss_alone_reaches_only_the_encoders_and_descends(small_data):
+    """With CE weighted 0 and the decoupler frozen after E, the framework learns from L_mod
+    alone: every encoder block gets a gradient, the classifier none (L_mod never reaches it),
+    the decoupler none (its parameters are constants in L̂), and one small SGD step lowers L_mod
+    on the same batch against the same prototypes (cached: ``proto_refresh`` > steps)."""
+    cfg = {**WIRING, "ce_weight": 0.0, "pam_after_start": False, "proto_refresh": 1000, "lr": 0.2, "momentum": 0.0, "weight_decay": 0.0}
+    eng = Engine(small_data, "aim", cfg, device="cpu")
+    inputs, labels, _, grads, _ = _engine_step_grads(eng)
+    method: AIM = eng.method  # type: ignore[assignment]
+    model_grads = grads["model"]
+    for m in small_data.modalities:
+        for d in range(method.depth):
+            names = [n for n in model_grads if n.startswith(f"encoders.{m}.blocks.{d}.")]
+            assert any(model_grads[n] is not None and model_grads[n].abs().sum() > 0 for n in names), (m, d)
+    assert all(g is None or not g.any() for n, g in model_grads.items() if n.startswith("classifier."))
+    assert all(g is None for g in grads["dec"].values())
+    first = method.metrics()
+    method.epoch_means.reset()
+    method._vec_sums.clear()
+    method._vec_counts.clear()
+    eng.train_step(inputs, labels)
+    second = method.metrics()
+
+    def l_mod(losses, weights):  # Σ_d α_d Σ_m (ρ L + ρ̂ L̂) (Eq. 15) with the first step's α, ρ, ρ̂
+        return sum(
+            weights[f"alpha/d{d}"] * sum(weights[f"{r}/{m}/d{d}"] * losses[f"{l}/{m}/d{d}"] for r, l in (("rho", "L"), ("rho_aux", "L_aux")) for m in small_data.modalities)
+            for d in range(1, method.depth + 1)
+        )
+
+    assert l_mod(first, first) == pytest.approx(first["loss/mod"], rel=1e-5)
+    assert l_mod(second, first) < l_mod(first, first) - 1e-4
+
+
+def test_literal_readings_are_knobs(small_data):
+    """dap_from_mod: L_mod also reaches the DAP (its gradient differs from Eq. 5's alone);
+    pam_after_start=false: L_pam is gone after E and the decoupler gets no gradient."""
+    base = _engine_step_grads(Engine(small_data, "aim", WIRING, device="cpu"))[3]
+    literal = _engine_step_grads(Engine(small_data, "aim", {**WIRING, "dap_from_mod": True, "pam_after_start": False}, device="cpu"))[3]
+    assert any(not torch.allclose(base["dap"][n], literal["dap"][n]) for n in base["dap"])
+    assert all(g is None for g in literal["dec"].values())
+    assert all(g is not None for g in base["dec"].values())
+
+
+def test_defaults_follow_the_papers_intent_and_e0_trains_the_decoupler(small_data):
+    knob = {k.name: k.default for k in AIM.KNOBS}
+    assert knob["pam_after_start"] is True and knob["dap_from_mod"] is False
+    eng = Engine(small_data, "aim", {**FAST, "epochs": 1, "start_epoch": 0, "seed": 2}, device="cpu")
+    metrics = eng.run_epoch()  # E = 0: modulation from the first step, the decoupler learns alongside
+    assert metrics["method/phase"] == 1.0 and metrics["method/loss/pam"] > 0
+    assert metrics["method/mask_mean"] != pytest.approx(0.5, abs=1e-4)
+
+
+def test_prototype_refresh_schedule(small_data):
+    """proto_refresh = 2: P_d is propagated and the DAP takes an Eq. 5 step on steps 0 and 2 of
+    the epoch only; in between, L_mod uses the prototypes propagated last."""
+    eng = Engine(small_data, "aim", {**FAST, "epochs": 1, "start_epoch": 0, "proto_refresh": 2}, device="cpu")
+    method: AIM = eng.method  # type: ignore[assignment]
+    method.on_epoch_start(eng)
+    eng.model.train()
+    changed = []
+    for inputs, labels in eng.iterate(small_data.train, shuffle=True):  # 3 steps
+        before = {n: p.detach().clone() for n, p in method.dap.named_parameters()}
+        cache = method._proto_cache
+        eng.train_step(inputs, labels)
+        changed.append(any(not torch.equal(before[n], p) for n, p in method.dap.named_parameters()))
+        if not changed[-1]:
+            assert method._proto_cache is cache  # the same tensors, not re-propagated
+    assert changed == [True, False, True]
+
+
+def test_complement_outperforms_auxiliary_after_the_pre_phase(_isolated_cache):
+    """Fig. 5a: after E epochs of Eq. 8, the complement block (trained to perform) beats the
+    auxiliary block (the under-optimised parameters) at every depth, on average over modalities."""
+    data = build_dataset("synth", {"n_train": 192, "n_val": 16, "n_test": 16})
+    eng = Engine(data, "aim", {**COMMON, "batch_size": 32, "epochs": 3, "start_epoch": 2, "proto_steps": 5, "decoupler_lr": 0.05, "seed": 1}, device="cpu")
+    for _ in range(3):
+        metrics = eng.run_epoch()
+    assert metrics["method/phase"] == 1.0
+    gaps = [
+        sum(metrics[f"method/s_comp/{m}/d{d}"] - metrics[f"method/s_aux/{m}/d{d}"] for m in data.modalities)
+        for d in range(1, 5)
+    ]
+    assert all(g > 0 for g in gaps), gaps
+
+
+def test_factorised_auxiliary_convolution_is_exact():
+    """conv(x, mix·basis) = mix ⋆ conv(x, basis): outputs and gradients to x, θ and the whole
+    decoupler (the mask included: Eq. 13's path) equal the direct form's, in float64."""
+    import torchvision
+
+    torch.manual_seed(0)
+    cases = [
+        (torchvision.models.resnet18().layer2.double(), (3, 64, 12, 12)),  # 3x3 convs + a 1x1 stride-2 downsample
+        (nn.Sequential(nn.Linear(40, 64), nn.BatchNorm1d(64), nn.ReLU()).double(), (3, 40)),  # linear with a bias
+        (nn.Sequential(nn.Conv2d(24, 48, 3, padding=1, stride=2, bias=True), nn.BatchNorm2d(48)).double(), (3, 24, 12, 12)),
+    ]
+    for block, shape in cases:
+        dec = BlockDecoupler(block, 8).double()
+        with torch.no_grad():
+            for layer in dec.layers:
+                for t in (layer.mask.weight, layer.mask.bias, layer.dec.bias):
+                    t.normal_(0, 0.3)
+        x = torch.randn(shape, dtype=torch.double, requires_grad=True)
+        results = []
+        for factorised in (False, True):
+            block.zero_grad(set_to_none=True)
+            dec.zero_grad(set_to_none=True)
+            x.grad = None
+            for branch, detach in (("aux", False), ("comp", True)):
+                out = dec.decouple(block, (branch,), detach_theta=detach, factorised=factorised)
+                params, factors = out.branch(branch)
+                assert bool(factors) == factorised  # every layer here is cheaper factorised
+                y = run_block(block, params, x, factors)
+                weight = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).reshape(y.shape)
+                ((y * weight).sum() + out.rec).backward()
+            grads = [x.grad] + [p.grad for p in block.parameters()] + [p.grad for p in dec.parameters()]
+            results.append((y.detach(), grads))
+        (y0, g0), (y1, g1) = results
+        assert torch.allclose(y0, y1, atol=1e-10)
+        for a, b in zip(g0, g1):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert torch.allclose(a, b, atol=1e-9, rtol=1e-9)
+
+
+def test_prototype_orthogonality_eq16_is_logged_per_depth(small_data):
+    from tunebal.methods.aim.method import prototype_overlap
+
+    p = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, -2.0]])
+    c = 1 / math.sqrt(2)  # |cos| of the three pairs: c, 0, c
+    assert float(prototype_overlap(p)) == pytest.approx((c + 0 + c) / 3)
+    eng = Engine(small_data, "aim", {**FAST, "epochs": 1, "start_epoch": 1}, device="cpu")
+    metrics = eng.run_epoch()
+    protos, _ = eng.method.dap.propagate(eng.model)
+    assert metrics["method/proto_cos/audio/d3"] == pytest.approx(float(prototype_overlap(protos["audio"][2])), rel=1e-5)
+    assert all(0 <= metrics[f"method/proto_cos/{m}/d{d}"] <= 1 for m in small_data.modalities for d in range(1, 5))

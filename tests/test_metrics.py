@@ -62,3 +62,28 @@ def test_true_class_scores_and_modality_metrics():
     assert m["acc_v"] == pytest.approx(0.5)
     s_v = torch.softmax(uni["v"], 1)[[0, 1], [1, 0]]
     assert m["rho_a"] == pytest.approx(1.25 / float(s_v.sum()))
+
+
+def test_macro_f1_averages_over_the_classes_present_in_the_labels():
+    # 5 classes; labels use 0, 1, 3. Class 2 is absent but predicted once, class 4 absent and
+    # never predicted. Hand computation per present class:
+    #   class 0: tp 1, fp 1, fn 1 -> F1 0.5 ; class 1: tp 2, fp 0, fn 1 -> F1 0.8 ; class 3: F1 1
+    # macro-F1 over the present classes = (0.5 + 0.8 + 1) / 3. Averaging over all 5 classes
+    # (0.46) or over labels ∪ predictions (sklearn's default, 0.575) would differ.
+    from sklearn.metrics import f1_score
+
+    labels = torch.tensor([0, 0, 1, 1, 1, 3])
+    pred = [0, 2, 1, 1, 0, 3]
+    logits = torch.full((6, 5), -4.0)
+    for i, p in enumerate(pred):
+        logits[i, p] = 4.0
+    m = classification_metrics(logits, labels, 5)
+    assert m["macro_f1"] == pytest.approx((0.5 + 0.8 + 1.0) / 3)
+    assert m["macro_f1"] == pytest.approx(f1_score(labels.numpy(), pred, labels=[0, 1, 3], average="macro"))
+    assert m["acc"] == pytest.approx(4 / 6)
+    # mAP follows the same rule: the mean AP of classes 0, 1 and 3 only
+    from sklearn.metrics import average_precision_score
+
+    probs = torch.softmax(logits, 1).numpy()
+    aps = [average_precision_score((labels == c).numpy(), probs[:, c]) for c in (0, 1, 3)]
+    assert m["map"] == pytest.approx(sum(aps) / 3)

@@ -112,19 +112,30 @@ def test_crashed_trial_restarts_from_checkpoint_with_identical_metrics(ray_clust
         assert final[key] == history[-1][key], key
 
 
-def test_nan_trial_errors_with_reason_others_finish(ray_cluster, tmp_path):
+def test_nan_trial_ends_once_with_reason_others_finish(ray_cluster, tmp_path):
+    """A diverged trial ends once (no FailureConfig retries, no traceback), is reported as
+    DIVERGED with the reason, and is never the best trial."""
     from ray import tune
 
-    opts = _opts(tmp_path, "nan", num_samples=1, max_epochs=3, scheduler="fifo", search="random", max_failures=1)
+    opts = _opts(tmp_path, "nan", num_samples=1, max_epochs=3, scheduler="fifo", search="random", max_failures=2)
     space = {"lr": tune.grid_search([0.05, 10.0]), "weight_decay": 1.0, "batch_size": 8, "width": 4}
     summary = run_search(opts, space=space)
     by_status = {t["status"]: t for t in summary["trials"]}
-    assert set(by_status) == {"ERROR", "COMPLETE"}
-    assert "loss became" in by_status["ERROR"]["error"]
+    assert set(by_status) == {"DIVERGED", "COMPLETE"}
+    assert "loss became" in by_status["DIVERGED"]["error"]
     assert summary["best"] is not None and summary["best"]["config"]["lr"] == 0.05
+    diverged_dir = tmp_path / "nan" / by_status["DIVERGED"]["trial"]
+    assert not list(diverged_dir.glob("error*")), "the diverged trial was treated as a crash"
+    # trained once: one final 'nonfinite_loss' result and no restart (which would repeat it)
+    rows = [json.loads(line) for line in (diverged_dir / "result.json").read_text().splitlines()]
+    assert [r.get("nonfinite_loss") for r in rows] == [None] * (len(rows) - 1) + [1], rows
+    assert rows[-1]["val/acc"] == float("-inf") and "loss became" in rows[-1]["epoch_failed"]
+    iterations = [r["training_iteration"] for r in rows]
+    assert iterations == list(range(1, len(rows) + 1)), iterations
 
 
-def test_resume_an_interrupted_experiment(ray_cluster, tmp_path):
+def test_resume_an_interrupted_experiment(ray_cluster, tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNEBAL_STATE_KEY_FILE", str(tmp_path / "state.key"))
     name = "interrupted"
     cmd = [
         sys.executable, "-m", "tunebal", "search", "baseline", "--dataset", "synth", "--num-samples", "2",

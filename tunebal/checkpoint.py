@@ -577,8 +577,13 @@ def load_checkpoint(
 
 
 def one_line(exc: BaseException) -> str:
-    """The first line of an exception's message (for one-line errors)."""
-    return _one_line(exc)
+    """The first informative line of an exception's message (for one-line errors): a
+    heading that ends with ':' is joined with the line after it."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    text = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    return text[:300]
 
 
 def check_checkpoint_matches(path: str | os.PathLike, meta: Mapping[str, Any], method: str, dataset: str) -> None:

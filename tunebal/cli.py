@@ -67,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("prepare", help="decode a raw dataset once into Arrow shards (resumable)")
     pr.add_argument("dataset", help="dataset with raw files (see `tunebal datasets`)")
     pr.add_argument("--root", default=None, help="raw dataset root (manifest: defaults to the CSV's folder)")
-    pr.add_argument("--out", required=True, help="directory of the prepared shards and manifest.json")
+    pr.add_argument("--out", default=None,
+                    help="directory of the prepared shards and manifest.json (default: where --data root=RAW looks, "
+                         "$TUNEBAL_CACHE/prepared/DATASET-HASH)")
     pr.add_argument("--data", dest="data_values", action="append", default=[], metavar="KNOB=VALUE",
                     help="preparation knob (repeatable), e.g. --data profile=ogm22k")
     pr.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes (default: all CPUs)")
@@ -80,15 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("datasets", help="list datasets and their knobs")
 
     b = sub.add_parser("bench", help="measured benchmarks (ratios in one process)")
-    b.add_argument("what", help="checkpoint | imbalance (methods: python -m tunebal.bench.methods; AIM: python -m tunebal.bench.aim)")
+    b.add_argument("what", help="checkpoint | imbalance | data (methods: python -m tunebal.bench.methods; AIM: python -m tunebal.bench.aim)")
     b.add_argument("--seeds", type=int, default=3)
     b.add_argument("--epochs", type=int, default=None)
     return parser
 
 
-def _assignments(items: Sequence[str]) -> dict[str, str]:
+def _assignments(items: Sequence[str], flag: str = "--set") -> dict[str, str]:
     from tunebal.knobs import parse_assignments
 
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"{flag} expects knob=value, got {item!r}")
     return parse_assignments(items)
 
 
@@ -120,20 +125,28 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"unknown preparation knob(s) {', '.join(unknown)} for {args.dataset}; valid: {', '.join(spec.preparer.knobs.names())}"
         )
+    if "manifest" in values:
+        values["manifest"] = str(Path(values["manifest"]).expanduser().resolve())
     root = args.root
     if root is None:
         if args.dataset != "manifest" or "manifest" not in values:
             raise ConfigError("prepare needs --root RAW (the raw dataset's folder)")
         root = str(Path(values["manifest"]).expanduser().resolve().parent)
+    out = args.out
+    if out is None:
+        from tunebal.data.prepared import default_prepared_dir
+
+        out = str(default_prepared_dir(spec.preparer, root, values))
     report = run_prepare(
-        spec.preparer, root, args.out, values, workers=args.workers, skip_bad=args.skip_bad,
+        spec.preparer, root, out, values, workers=args.workers, skip_bad=args.skip_bad,
         shard_size=args.shard_size, verify=args.verify, progress=not args.no_progress,
     )
     print(f"tunebal: {report.line()}")
     if report.missing:
-        print(f"tunebal: {len(report.missing)} missing clips listed in {Path(args.out) / 'missing.txt'}")
+        print(f"tunebal: {len(report.missing)} missing clips listed in {Path(out) / 'missing.txt'}")
     if report.skipped:
-        print(f"tunebal: {len(report.skipped)} skipped clips listed in {Path(args.out) / 'skipped.txt'}")
+        print(f"tunebal: {len(report.skipped)} skipped clips listed in {Path(out) / 'skipped.txt'}")
+    print(f"tunebal: use it with --dataset {args.dataset} --data root={out}")
     return 0
 
 
@@ -156,7 +169,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, storage=args.storage,
         name=args.name, resume=args.resume, address=args.address, seed=args.seed,
         grace_period=args.grace_period, reduction_factor=args.reduction_factor, max_failures=args.max_failures,
-        space_file=args.space, overrides=_assignments(args.overrides), data_values=_assignments(args.data_values),
+        space_file=args.space, overrides=_assignments(args.overrides), data_values=_assignments(args.data_values, "--data"),
     )
     summary = run_search(opts)
     return 0 if summary["best"] is not None else 1
@@ -167,9 +180,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     out = Path(args.out or f"~/tunebal_runs/{args.method}-{args.dataset}").expanduser()
     result = train_once(
-        args.method, args.dataset, _assignments(args.overrides), _assignments(args.data_values), out,
-        device=args.device, progress=not args.no_progress,
+        args.method, args.dataset, _assignments(args.overrides), _assignments(args.data_values, "--data"), out,
+        device=args.device, progress=not args.no_progress, out_explicit=args.out is not None,
     )
+    out = Path(result["out"])
     print(json.dumps(result, indent=2))
     print(f"tensorboard --logdir {out.resolve()}")
     return 0
@@ -179,9 +193,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from tunebal.checkpoint import read_checkpoint_meta
     from tunebal.data import build_dataset
     from tunebal.engine import Engine
+    from tunebal.tune.preflight import check_device
 
     if args.split not in ("train", "val", "test"):
         raise ConfigError(f"unknown split '{args.split}'; valid: train, val, test")
+    check_device(args.device)
     meta = read_checkpoint_meta(args.checkpoint)
     try:
         method, dataset, config = meta["method"], meta["dataset"], meta["config"]
@@ -206,11 +222,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         run(seeds=args.seeds, epochs=args.epochs)
         return 0
-    raise ConfigError(f"unknown benchmark '{args.what}'; valid: checkpoint, imbalance")
+    if args.what == "data":
+        from tunebal.bench.data import main as data_main
+
+        data_main([])
+        return 0
+    raise ConfigError(f"unknown benchmark '{args.what}'; valid: checkpoint, imbalance, data")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
+    from tunebal import signals
+
+    signals.install()
     try:
         args = build_parser().parse_args(argv)
         if args.command == "methods":

@@ -27,4 +27,5 @@ COMMON_KNOBS = knobs(
     Knob("amp", "bool", True, "bf16 autocast and channels_last on CUDA (ignored on CPU)"),
     Knob("pretrained", "str", "", "local file of torchvision ImageNet ResNet18 weights for resnet18 encoders ('' = random init)"),
     Knob("loader_workers", "int", -1, "data-loader worker processes for prepared (sharded) datasets; -1 = one per CPU thread, at most 8", low=-1, high=64),
+    Knob("bn_recalibrate", "int", 0, "before each validation, recompute BatchNorm running statistics over this many training batches (precise BN; 0 = off, the same for every method)", low=0, high=1_000_000),
 )

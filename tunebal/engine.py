@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from tunebal import __version__
+from tunebal.bn import recalibrate_batchnorm
 from tunebal.checkpoint import check_checkpoint_matches, load_checkpoint, one_line, save_checkpoint
 from tunebal.config import COMMON_KNOBS
 from tunebal.data.base import MultimodalData, Source, Split
@@ -238,7 +239,11 @@ class Engine:
 
     # --- training --------------------------------------------------------------------------
     def train_step(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> StepContext:
-        """One optimisation step with every method hook in place."""
+        """One optimisation step: the method's ``train_step`` (by default :meth:`joint_step`)."""
+        return self.method.train_step(self, inputs, labels)
+
+    def joint_step(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> StepContext:
+        """The standard step with every method hook in place (one forward, one backward, one update)."""
         method, model = self.method, self.model
         ctx = StepContext(model=model, inputs=inputs, labels=labels, epoch=self.epoch, step=self.global_step)
         with self.autocast():
@@ -307,7 +312,7 @@ class Engine:
         for inputs, labels in self.iterate(split, shuffle=False, batch_size=batch_size or 2 * self.common["batch_size"]):
             with self.autocast():
                 feats = self.model.encode(inputs).features
-                all_logits.append(self.model.head(feats).float().cpu())
+                all_logits.append(self.method.eval_logits(self.model, feats).float().cpu())
                 for m, lg in self.model.unimodal_logits(feats).items():
                     uni[m].append(lg.float().cpu())
             all_labels.append(labels.cpu())
@@ -321,6 +326,11 @@ class Engine:
         """Train one epoch, then evaluate on validation (the split used for model selection)."""
         start = time.perf_counter()
         metrics = self.train_epoch(progress)
+        if self.common["bn_recalibrate"]:  # precise BN for the final weights (tunebal/bn.py)
+            batches = (x for x, _ in self.iterate(self.data.train, shuffle=True))
+            metrics["bn_recalibrate_batches"] = recalibrate_batchnorm(
+                self.model, batches, self.common["bn_recalibrate"], self.model.encode, self.autocast
+            )
         metrics.update({f"val/{k}": v for k, v in self.evaluate("val").items()})
         metrics["time/epoch_s"] = time.perf_counter() - start
         metrics["epoch"] = self.epoch

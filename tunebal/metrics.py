@@ -35,6 +35,10 @@ def discrepancy_ratios(scores: Mapping[str, torch.Tensor]) -> dict[str, float]:
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
     """Accuracy, macro-F1 and mAP over all samples (no sample is dropped).
 
+    Macro-F1 is the unweighted mean of the per-class F1 over the classes that occur in
+    ``labels``: a class absent from the labels (even if predicted) has no recall and is left
+    out, as for mAP; a sample wrongly predicted as such a class still counts as a miss of its
+    own class.
     mAP is scikit-learn's average precision of each class's softmax score (one-vs-rest),
     averaged over the classes that occur in ``labels`` (AP is undefined without positives).
     """

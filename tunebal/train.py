@@ -2,6 +2,10 @@
 
 Saves ``last.arrow`` every epoch and ``best.arrow`` whenever validation accuracy improves;
 at the end the best checkpoint is evaluated once on test.
+
+Nothing is overwritten: an explicit ``--out`` that already holds a run is refused, and the
+default directory moves on to a fresh ``-2``, ``-3`` ... suffix (printed). ``--device`` and
+``--out`` are checked before any data is built.
 """
 
 from __future__ import annotations
@@ -28,13 +32,33 @@ def train_once(
     out: Path,
     device: str = "auto",
     progress: bool = True,
+    out_explicit: bool = True,
 ) -> dict[str, Any]:
+    """Train one configuration into ``out``; returns the result (also written as result.json)
+    with ``out``, the directory actually used."""
+    import sys
+
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
+    from tunebal.tune.preflight import check_device, check_train_out, make_out_dir
+
+    from tunebal.data import get_dataset_spec
+    from tunebal.methods import get_method_class
+
+    from tunebal.tune.spaces import apply_overrides
+
+    get_method_class(method)  # unknown names and knobs fail before any data is generated
+    get_dataset_spec(dataset).knobs.resolve(dict(data_values), where="--data ")
+    apply_overrides({}, overrides, method, dataset)
+    check_device(device)
+    chosen = check_train_out(out, explicit=out_explicit)
+    if chosen != out:
+        print(f"tunebal: {out} holds an earlier run; writing to {chosen}", file=sys.stderr)
+    out = chosen
     data = build_dataset(dataset, data_values)
     engine = Engine(data, method, overrides, device=device)
-    out.mkdir(parents=True, exist_ok=True)
+    make_out_dir(out)
     epochs = engine.common["epochs"]
     best_acc, history = -1.0, []
     with SummaryWriter(str(out)) as writer:
@@ -57,4 +81,4 @@ def train_once(
     result = {"method": method, "dataset": dataset, "config": engine.config, "best_epoch": best_meta["epoch"],
               "best_val_acc": best_acc, **test}
     (out / "result.json").write_text(json.dumps(result, indent=2))
-    return result
+    return {**result, "out": str(out)}

@@ -23,6 +23,12 @@ Parts (``--parts``, comma-separated; all by default):
   baseline's (interleaved, same batches, same process), autograd saved-tensor bytes of one
   step (activation memory, exact), peak RSS of a fresh process per method, parameter counts.
 * ``params``: decoupler parameter counts against the encoders' for latent sizes 8/16/32.
+* ``flops``: training FLOPs per sample of one step (forward + backward + the method's extra
+  work), AIM before/after E against the baseline, counted with
+  ``torch.utils.flop_counter.FlopCounterMode`` (AIM, Fig. 8), on synth and at CREMA-D sizes.
+* ``bn``: the cause of the post-E collapse: AIM at a high learning rate of the search space,
+  per epoch the validation accuracy in eval mode with the running BatchNorm statistics against
+  the same weights after recomputing them (tunebal/bn.py), and the training accuracy.
 
 The machine is shared and slow: budgets are small on purpose and printed with the results.
 """
@@ -45,8 +51,8 @@ from tunebal.data import build_dataset
 from tunebal.data.base import MultimodalData, Split
 from tunebal.knobs import parse_assignments
 
-ENTRIES = ["baseline", "aim", "aim:pam_after_start=true", "aim:pam=false", "aim:dam=false", "aim:target=label"]
-PARTS = ("params", "timing", "compare", "unimodal", "depth", "start", "resnet")
+ENTRIES = ["baseline", "aim", "aim:pam_after_start=false:dap_from_mod=true", "aim:pam=false", "aim:dam=false", "aim:target=label"]
+PARTS = ("params", "timing", "flops", "bn", "compare", "unimodal", "depth", "start", "resnet")
 
 
 def _log(msg: str) -> None:
@@ -217,8 +223,11 @@ def part_start(seeds, epochs, overrides, data_values, starts, compare=None) -> l
 TIMED = {
     "baseline": ("baseline", {}),
     "aim (epoch < E: CE + L_pam)": ("aim", {"start_epoch": 1}),
-    "aim (epoch >= E)": ("aim", {"start_epoch": 0}),
-    "aim (epoch >= E, pam_after_start=true)": ("aim", {"start_epoch": 0, "pam_after_start": True}),
+    "aim (epoch >= E, defaults)": ("aim", {"start_epoch": 0}),
+    "aim (epoch >= E, aux_form=direct)": ("aim", {"start_epoch": 0, "aux_form": "direct"}),
+    "aim (epoch >= E, proto_refresh=4)": ("aim", {"start_epoch": 0, "proto_refresh": 4}),
+    "aim (epoch >= E, pam_after_start=false)": ("aim", {"start_epoch": 0, "pam_after_start": False}),
+    "aim (epoch >= E, pam_after_start=false, proto_refresh=4)": ("aim", {"start_epoch": 0, "pam_after_start": False, "proto_refresh": 4}),
     "aim w/o PAM": ("aim", {"start_epoch": 0, "pam": False}),
     "aim w/o DAM": ("aim", {"start_epoch": 0, "dam": False}),
     "aim-label": ("aim", {"start_epoch": 0, "target": "label"}),
@@ -252,6 +261,77 @@ def part_timing(overrides, data_values, steps: int) -> dict[str, Any]:
             times[label].append(1000.0 * (time.perf_counter() - t0))
     base = statistics.median(times["baseline"])
     return {label: {"step_ms": statistics.median(v), "ratio": statistics.median(v) / base} for label, v in times.items()}
+
+
+def train_flops(engine, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> float:
+    """FLOPs of one training step (forward, backward, the method's extra passes) per sample."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        engine.train_step(inputs, labels)
+    return counter.get_total_flops() / labels.shape[0]
+
+
+FLOPS_VARIANTS = {
+    "baseline": ("baseline", {}),
+    "aim (epoch < E)": ("aim", {"start_epoch": 1}),
+    "aim (epoch >= E, defaults)": ("aim", {"start_epoch": 0}),
+    "aim (epoch >= E, aux_form=direct)": ("aim", {"start_epoch": 0, "aux_form": "direct"}),
+    "aim (epoch >= E, pam_after_start=false, proto_refresh=4)": ("aim", {"start_epoch": 0, "pam_after_start": False, "proto_refresh": 4}),
+}
+
+
+def part_flops(overrides, data_values, resnet_batch: int) -> dict[str, Any]:
+    """Training FLOPs per sample over the baseline's (AIM, Fig. 8), synth and CREMA-D sizes."""
+    from tunebal.bench.methods import entry_config
+    from tunebal.engine import Engine
+
+    out: dict[str, Any] = {}
+    data = build_dataset("synth", dict(data_values))
+    for where in ("synth", "resnet18 CREMA-D sizes"):
+        rows = {}
+        for label, (method, knobs) in FLOPS_VARIANTS.items():
+            if where == "synth":
+                engine = Engine(data, method, entry_config(method, knobs, overrides, 0, 2), device="cpu")
+                if method == "aim":
+                    engine.method.dap_fitted = True
+                    engine.method.on_epoch_start(engine)
+                engine.model.train()
+            else:
+                engine = _resnet_engine(method, resnet_batch, knobs)
+            inputs, labels = next(engine.iterate(engine.data.train, shuffle=True))
+            engine.train_step(inputs, labels)  # past the first step (prototype cache filled)
+            # proto_refresh > 1: average over one refresh period
+            period = engine.config.get("proto_refresh", 1) if method == "aim" else 1
+            rows[label] = statistics.fmean(train_flops(engine, inputs, labels) for _ in range(period))
+            _log(f"  flops {where} {label}: {rows[label] / 1e9:.3f} GFLOP/sample")
+        base = rows["baseline"]
+        out[where] = {label: {"gflop_per_sample": v / 1e9, "ratio": v / base} for label, v in rows.items()}
+    return out
+
+
+def part_bn(overrides, data_values, epochs: int) -> list[dict[str, Any]]:
+    """Val accuracy in eval mode vs after recomputing the BN statistics, per epoch (see tunebal/bn.py)."""
+    import copy
+
+    from tunebal.bn import recalibrate_batchnorm
+    from tunebal.engine import Engine
+
+    data = build_dataset("synth", dict(data_values))
+    config = {"lr": 0.071, "start_epoch": 2, "grad_clip": 1.0, "epochs": epochs, **overrides}
+    engine = Engine(data, "aim", config, device="cpu")
+    rows = []
+    for _ in range(epochs):
+        metrics = engine.run_epoch()
+        saved = engine.model
+        engine.model = copy.deepcopy(saved)
+        recalibrate_batchnorm(engine.model, (x for x, _ in engine.iterate(data.train, shuffle=True)), 10**9, engine.model.encode)
+        recal = engine.evaluate("val")["acc"]
+        engine.model = saved
+        rows.append({"epoch": int(metrics["epoch"]), "phase": metrics["method/phase"], "train_acc": metrics["train/acc"],
+                     "val_acc": metrics["val/acc"], "val_acc_recalibrated": recal})
+        _log(f"  bn epoch {rows[-1]['epoch']}: train {metrics['train/acc']:.3f} val {metrics['val/acc']:.3f} recalibrated {recal:.3f}")
+    return rows
 
 
 def _resnet_data(batch: int, classes: int = 6) -> MultimodalData:
@@ -331,9 +411,18 @@ def _vm_hwm_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def part_resnet(batch: int, steps: int, aim_knobs: Mapping[str, Any]) -> dict[str, Any]:
+RESNET_VARIANTS = {
+    "aim": {"start_epoch": 0},
+    "aim pam_after_start=false, proto_refresh=4": {"start_epoch": 0, "pam_after_start": False, "proto_refresh": 4},
+    "aim aux_form=direct": {"start_epoch": 0, "aux_form": "direct"},
+}
+
+
+def part_resnet(batch: int, steps: int, aim_knobs: Mapping[str, Any], rss: bool = True) -> dict[str, Any]:
     torch.set_num_threads(1)
-    engines = {"baseline": _resnet_engine("baseline", batch, {}), "aim": _resnet_engine("aim", batch, {"start_epoch": 0, **aim_knobs})}
+    engines = {"baseline": _resnet_engine("baseline", batch, {})}
+    for name, knobs in RESNET_VARIANTS.items():
+        engines[name] = _resnet_engine("aim", batch, {**knobs, **aim_knobs})
     inputs, labels = next(engines["baseline"].iterate(engines["baseline"].data.train, shuffle=True))
     out: dict[str, Any] = {"batch": batch, "steps": steps, "aim_knobs": dict(aim_knobs)}
     for name, engine in engines.items():  # warm-up + activation memory
@@ -344,12 +433,16 @@ def part_resnet(batch: int, steps: int, aim_knobs: Mapping[str, Any]) -> dict[st
             t0 = time.perf_counter()
             engine.train_step(inputs, labels)
             times[name].append(time.perf_counter() - t0)
+            _log(f"  resnet {name}: {times[name][-1]:.2f} s")
     for name in engines:
         out[f"{name}_step_s"] = statistics.median(times[name])
+        out[f"{name}_step_ratio"] = out[f"{name}_step_s"] / statistics.median(times["baseline"])
     out["step_ratio"] = out["aim_step_s"] / out["baseline_step_s"]
     counts = engines["aim"].method.parameter_counts(engines["aim"].model)
     out["params"] = counts
     del engines
+    if not rss:
+        return out
     for name, knobs in (("baseline", {}), ("aim", {"start_epoch": 0, **aim_knobs})):
         cmd = [sys.executable, "-m", "tunebal.bench.aim", "--resnet-child", name, "--resnet-batch", str(batch),
                "--resnet-steps", "2", "--child-knobs", json.dumps(knobs)]
@@ -408,10 +501,27 @@ def report(results: Mapping[str, Any]) -> str:
         lines.append("")
     if "resnet" in results:
         r = results["resnet"]
-        lines += ["## ResNet18, 257×299 spectrogram + 224×224 frame, CPU", ""]
-        lines.append(f"batch {r['batch']}, {r['steps']} interleaved steps, AIM knobs {r['aim_knobs']}: baseline {r['baseline_step_s']:.2f} s/step, "
-                     f"AIM {r['aim_step_s']:.2f} s/step, ratio {r['step_ratio']:.2f}×; saved activations {r['baseline_saved_tensor_mb']:.0f} MB vs "
-                     f"{r['aim_saved_tensor_mb']:.0f} MB; peak RSS {r['baseline_peak_rss_mb']:.0f} MB vs {r['aim_peak_rss_mb']:.0f} MB; params {r['params']}")
+        lines += ["## ResNet18, 257×299 spectrogram + 224×224 frame, CPU", "",
+                  f"batch {r['batch']}, {r['steps']} interleaved steps (median), one thread", "",
+                  "| variant | s/step | ratio | saved activations (MB) |", "|---|---|---|---|"]
+        for name in ["baseline", *RESNET_VARIANTS]:
+            if f"{name}_step_s" in r:
+                lines.append(f"| {name} | {r[f'{name}_step_s']:.2f} | {r[f'{name}_step_ratio']:.2f}× | {r[f'{name}_saved_tensor_mb']:.0f} |")
+        if "aim_peak_rss_mb" in r:
+            lines.append(f"\npeak RSS {r['baseline_peak_rss_mb']:.0f} MB (baseline) vs {r['aim_peak_rss_mb']:.0f} MB (aim); params {r['params']}")
+        lines.append("")
+    if "flops" in results:
+        lines += ["## training FLOPs per sample over the baseline's (FlopCounterMode, AIM Fig. 8)", "", "| setting | variant | GFLOP/sample | ratio |", "|---|---|---|---|"]
+        for where, rows in results["flops"].items():
+            for label, row in rows.items():
+                lines.append(f"| {where} | {label} | {row['gflop_per_sample']:.3f} | {row['ratio']:.2f}× |")
+        lines.append("")
+    if "bn" in results:
+        lines += ["## validation accuracy: running BN statistics vs recomputed (lr 0.071, E = 2, grad_clip 1)", "",
+                  "| epoch | phase | train acc | val (eval mode) | val (BN recomputed) |", "|---|---|---|---|---|"]
+        for row in results["bn"]:
+            lines.append(f"| {row['epoch']} | {'mod' if row['phase'] else 'pre'} | {100 * row['train_acc']:.1f} | {100 * row['val_acc']:.1f} | {100 * row['val_acc_recalibrated']:.1f} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -426,7 +536,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--probe-steps", type=int, default=30)
     parser.add_argument("--depth-seeds", type=int, default=None, help="seeds of the depth part (default: --seeds)")
     parser.add_argument("--starts", default="0,1,2,4,6")
-    parser.add_argument("--resnet-batch", type=int, default=8)
+    parser.add_argument("--resnet-batch", type=int, default=16)
+    parser.add_argument("--no-rss", action="store_true", help="skip the fresh-process peak-RSS runs of the resnet part")
+    parser.add_argument("--entries", default=",".join(ENTRIES), help="comma-separated entries of the compare part")
     parser.add_argument("--resnet-steps", type=int, default=3)
     parser.add_argument("--resnet-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-knobs", default="{}", help=argparse.SUPPRESS)
@@ -459,7 +571,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif part == "timing":
             results["timing"] = part_timing(overrides, data_values, args.timing_steps)
         elif part == "compare":
-            results["compare"] = part_compare(seeds, args.epochs, overrides, data_values, 0)
+            results["compare"] = part_compare(seeds, args.epochs, overrides, data_values, 0, args.entries.split(","))
         elif part == "unimodal":
             results["unimodal"] = part_unimodal(seeds, args.epochs, overrides, data_values)
         elif part == "depth":
@@ -469,7 +581,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             starts = [int(x) for x in args.starts.split(",")]
             results["start"] = part_start(seeds, args.epochs, overrides, data_values, starts, results.get("compare"))
         elif part == "resnet":
-            results["resnet"] = part_resnet(args.resnet_batch, args.resnet_steps, {})
+            results["resnet"] = part_resnet(args.resnet_batch, args.resnet_steps, {}, rss=not args.no_rss)
+        elif part == "flops":
+            results["flops"] = part_flops(overrides, data_values, args.resnet_batch)
+        elif part == "bn":
+            results["bn"] = part_bn(overrides, data_values, args.epochs)
         else:
             raise SystemExit(f"unknown part {part!r}; valid: {', '.join(PARTS)}")
         results["budget"][f"{part}_s"] = time.perf_counter() - t0

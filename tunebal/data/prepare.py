@@ -287,8 +287,6 @@ def run_prepare(
                             rows.append({"id": clip.id, "label": scan.class_names.index(clip.label),
                                          "group": clip.group, **result})
                         decoded += len(chunk)
-                        if not rows:
-                            raise DataError(f"{preparer.name}: every clip of shard {name} failed to decode (first: {bad[0]})")
                         meta = {"dataset": preparer.name, "split": split, "shard": k, "params_hash": phash}
                         entry = write_shard(out / f"{name}.arrow", modalities, rows, meta)
                         done = {"entry": entry, "planned": planned, "skipped": bad, "params_hash": phash}
@@ -297,6 +295,8 @@ def run_prepare(
                     skipped.extend(done["skipped"])
                     bar.update(len(chunk))
                 splits[split] = {"count": sum(e["rows"] for e in entries), "shards": entries}
+                if not splits[split]["count"]:
+                    raise DataError(f"{preparer.name}: every clip of split '{split}' was skipped (e.g. {skipped[-1] if skipped else 'no clip'})")
         finally:
             bar.close()
             if pool is not None:

@@ -123,11 +123,14 @@ def _float(x: torch.Tensor) -> torch.Tensor:
     return x.float()
 
 
-def _default_prepared_dir(name: str, root: Path, prep_values: Mapping[str, Any]) -> Path:
+def default_prepared_dir(preparer: Preparer, root: str | os.PathLike, values: Mapping[str, Any]) -> Path:
+    """Where a raw ``root`` is prepared unless told otherwise: ``$TUNEBAL_CACHE/prepared/<dataset>-<hash>``,
+    the hash covering the root's absolute path and the preparation knobs."""
     from tunebal.data.synth import cache_dir
 
-    key = hashlib.sha256(repr((str(root.resolve()), sorted(prep_values.items()))).encode()).hexdigest()[:16]
-    return cache_dir() / "prepared" / f"{name}-{key}"
+    resolved = preparer.knobs.resolve({k: v for k, v in values.items() if k in preparer.knobs.names()})
+    key = hashlib.sha256(repr((str(Path(root).expanduser().resolve()), sorted(resolved.items()))).encode()).hexdigest()[:16]
+    return cache_dir() / "prepared" / f"{preparer.name}-{key}"
 
 
 def resolve_prepared(preparer: Preparer, values: Mapping[str, Any]) -> Path:
@@ -140,7 +143,7 @@ def resolve_prepared(preparer: Preparer, values: Mapping[str, Any]) -> Path:
     if (root / MANIFEST).is_file():
         return root
     prep_values = {k.name: values[k.name] for k in preparer.knobs}
-    out = Path(values["prepared"]).expanduser() if values["prepared"] else _default_prepared_dir(preparer.name, root, prep_values)
+    out = Path(values["prepared"]).expanduser() if values["prepared"] else default_prepared_dir(preparer, root, prep_values)
     if not (out / MANIFEST).is_file():
         workers = values["prepare_workers"] or os.cpu_count() or 1
         report = run_prepare(preparer, root, out, prep_values, workers=workers, progress=True)

@@ -197,9 +197,9 @@ class _OpenShard:
             raise DataError(f"prepared shard {path}: ids/labels differ from the manifest (edited file?)")
         self._payload: dict[str, tuple[np.ndarray, Any]] = {}
         for m in modalities:
-            chunk = table.column(m).chunk(0) if table.num_rows else None
-            if chunk is None:
-                continue
+            if not table.num_rows:  # every clip of the shard was skipped
+                break
+            chunk = table.column(m).chunk(0)
             offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int64)[chunk.offset : chunk.offset + len(chunk) + 1]
             self._payload[m] = (offsets, chunk.buffers()[2])
         self._counts = {

@@ -386,7 +386,10 @@ def memory_estimate(values: dict[str, Any]) -> tuple[int, int]:
     per_sample = 8 + 4 * (1 + N_FFT // 2) * (1 + NUM_SAMPLES // HOP_LENGTH) + 4 * pixels
     if values["modalities"] >= 3:
         per_sample += 4 * values["text_dim"]
-    transient = NUM_SAMPLES * (8 + 4 + 8 + 4) + pixels * (8 + 8 + 8 + 4)
+    # one split at a time: audio (float64 clean + float32 noise + its float64 copy + the float64
+    # sum + the float32 waveform) is freed before the visual (float32 noise, float64 patch,
+    # clean, noise copy and sum)
+    transient = max(NUM_SAMPLES * (8 + 4 + 8 + 8 + 4), pixels * (4 + 8 + 8 + 8 + 8))
     final = n_total * per_sample
     return final, final + n_max * transient
 

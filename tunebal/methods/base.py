@@ -119,6 +119,18 @@ class Method:
         if cls.supported_fusions is not None and fusion not in cls.supported_fusions:
             raise ConfigError(f"method '{cls.name}' supports fusion {list(cls.supported_fusions)}, got '{fusion}'")
 
+    # --- overridable step and prediction ----------------------------------------------------
+    def train_step(self, engine: "Engine", inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> StepContext:
+        """One optimisation step. The default is the engine's joint step, which calls the hooks
+        below; a method that needs several updates per batch (e.g. one per modality, as
+        alternating methods do) overrides this and may call ``engine.joint_step`` repeatedly."""
+        return engine.joint_step(inputs, labels)
+
+    def eval_logits(self, model: MultimodalModel, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The prediction scored in evaluation; by default the fused head. A unimodal ensemble
+        overrides it to combine the modalities' own predictions."""
+        return model.head(features)
+
     # --- hooks ---------------------------------------------------------------------------
     def setup(self, engine: "Engine") -> None:
         """Add modules or parameter groups; create device-side generators."""

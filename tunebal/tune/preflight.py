@@ -171,8 +171,9 @@ def check_device(device: str) -> None:
 
 
 def check_train_out(out: Path, explicit: bool) -> Path:
-    """The directory ``tunebal train`` writes. An explicit ``--out`` holding a previous run is
-    refused; the default directory moves on to a fresh ``-2``, ``-3`` ... suffix instead."""
+    """The directory ``tunebal train`` will write (not created yet). An explicit ``--out``
+    holding a previous run is refused; the default directory moves on to a fresh ``-2``,
+    ``-3`` ... suffix instead."""
     existing = _first_existing(out.absolute())
     if existing == out.absolute() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file, not a directory")
@@ -189,10 +190,14 @@ def check_train_out(out: Path, explicit: bool) -> Path:
         while holds_run(out.with_name(f"{out.name}-{n}")) or out.with_name(f"{out.name}-{n}").is_file():
             n += 1
         out = out.with_name(f"{out.name}-{n}")
+    return out
+
+
+def make_out_dir(out: Path) -> None:
+    """Create the ``train`` output directory and check that it is writable."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".tunebal-probe-"):
             pass
     except OSError as exc:
         raise ConfigError(f"--out {out} is not a writable directory ({exc.strerror or exc})") from None
-    return out

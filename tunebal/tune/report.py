@@ -35,14 +35,39 @@ def _one_line(error: BaseException | None) -> str:
     return (cause[-1] if cause else (text[-1] if text else type(error).__name__))[:300]
 
 
+def diverged(result) -> str | None:
+    """The reason a trial's loss became NaN/Inf (its marker file), or None."""
+    from tunebal.tune.trainable import NONFINITE_MARKER
+
+    marker = os.path.join(result.path, NONFINITE_MARKER)
+    try:
+        with open(marker, encoding="utf-8", errors="replace") as fh:
+            return fh.read().strip() or "non-finite loss"
+    except OSError:
+        return None
+
+
+def failed(result) -> bool:
+    """An errored or diverged trial: never a candidate for the best trial."""
+    return result.error is not None or diverged(result) is not None
+
+
 def trial_rows(results, max_epochs: int, searched: list[str]) -> list[dict[str, Any]]:
     rows = []
     for result in results:
         df = result.metrics_dataframe
+        if df is not None and "nonfinite_loss" in df:  # drop the diverged epoch's -inf marker row
+            df = df[df["nonfinite_loss"] != 1]
         history = df[METRIC].tolist() if df is not None and METRIC in df else []
         config = result.config or {}
         epochs = int(df["training_iteration"].max()) if history else 0
-        status = "ERROR" if result.error else ("STOPPED" if epochs < max_epochs else "COMPLETE")
+        reason = diverged(result)
+        if result.error:
+            status = "ERROR"
+        elif reason is not None:
+            status = "DIVERGED"
+        else:
+            status = "STOPPED" if epochs < max_epochs else "COMPLETE"
         row = {
             "trial": os.path.basename(result.path),
             "status": status,
@@ -51,15 +76,21 @@ def trial_rows(results, max_epochs: int, searched: list[str]) -> list[dict[str, 
             "last_val_acc": history[-1] if history else math.nan,
         }
         row.update({k: config.get(k) for k in searched})
-        row["error"] = _one_line(result.error)
+        row["error"] = _one_line(result.error) if result.error else (reason or "")[:300]
         rows.append(row)
     return rows
 
 
 def best_checkpoint(results):
-    """(result, checkpoint, metrics) of the best epoch of any trial, by validation accuracy."""
+    """(result, checkpoint, metrics) of the best epoch of any trial, by validation accuracy.
+
+    Errored and diverged trials are skipped: a trial that crashed (and was not recovered)
+    or whose loss became NaN/Inf is never reported as the best, whatever its earlier epochs scored.
+    """
     best = None
     for result in results:
+        if failed(result):
+            continue
         for checkpoint, metrics in result.best_checkpoints or []:
             value = metrics.get(METRIC)
             if value is None or (isinstance(value, float) and math.isnan(value)):

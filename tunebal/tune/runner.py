@@ -131,7 +131,9 @@ def prepare(opts: SearchOptions) -> dict[str, Any]:
     space = apply_overrides(space, opts.overrides, opts.method, opts.dataset)
     if "epochs" in space:
         raise ConfigError("set the training budget with --max-epochs, not an 'epochs' knob in the space")
-    data = build_dataset(opts.dataset, opts.data_values)  # fails fast on bad data; caches synth
+    data = build_dataset(opts.dataset, opts.data_values)  # fails fast on bad data; caches synth, prepares raw roots
+    if data.info.get("prepared"):  # trials on every node read the prepared shards, never the raw files
+        opts.data_values["root"] = data.info["prepared"]
     fusion = space.get("fusion", "concat")
     for choice in getattr(fusion, "categories", [fusion]):
         method_cls.check_compatible(len(data.modalities), choice)
@@ -166,6 +168,7 @@ def build_tuner(opts: SearchOptions, space: dict[str, Any]):
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
+    from tunebal.tune import state_guard
     from tunebal.tune.trainable import make_trainable
 
     trainable = make_trainable(
@@ -206,12 +209,14 @@ def build_tuner(opts: SearchOptions, space: dict[str, Any]):
             num_to_keep=1, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE
         ),
         verbose=opts.verbose,
+        callbacks=[state_guard.make_callback(opts.experiment_dir)],
     )
     return tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
 
 
 def restore_tuner(opts: SearchOptions):
-    """Tuner.restore of an interrupted experiment: unfinished and errored trials resume from
+    """Tuner.restore of an interrupted experiment (its pickled state verified by
+    ``state_guard.verify`` before Ray started): unfinished and errored trials resume from
     their last checkpoints."""
     from ray import tune
 

@@ -116,15 +116,49 @@ def parse_space(raw: Mapping[str, Any], method: str, dataset: str, max_epochs: i
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping with the same key twice (PyYAML keeps the last)."""
+
+
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise _DuplicateKey(f"duplicate key {key!r} (line {key_node.start_mark.line + 1})")
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def load_space(method: str, dataset: str, max_epochs: int, path: str | Path | None = None) -> dict[str, Any]:
-    """Read and validate the YAML space of ``method`` (or the file at ``path``)."""
+    """Read and validate the YAML space of ``method`` (or the file at ``path``).
+
+    The file must be UTF-8 YAML without duplicate keys and must name at least one knob.
+    """
     file = Path(path) if path else space_path(method)
     if not file.is_file():
         raise ConfigError(f"no search space file {file}")
     try:
-        raw = yaml.safe_load(file.read_text()) or {}
+        text = file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{file}: not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read ({exc.strerror or exc})") from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no Python objects
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{file}: {exc}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{file}: invalid YAML ({str(exc).splitlines()[0]})") from None
+        raise ConfigError(f"{file}: invalid YAML ({' '.join(str(exc).split())[:200]})") from None
+    if raw is None or (isinstance(raw, Mapping) and not raw.get("space")):
+        raise ConfigError(f"{file}: the space is empty; name at least one knob under 'space:'")
     return parse_space(raw, method, dataset, max_epochs, str(file))
 
 

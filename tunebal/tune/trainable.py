@@ -2,8 +2,14 @@
 
 Every epoch it reports the metrics (ASHA decides on ``val/acc``) with an Arrow checkpoint
 (tunebal/checkpoint.py). On a restart after a crash (FailureConfig) it resumes from the
-last checkpoint via ``tune.get_checkpoint``. A NaN/Inf loss ends the trial as errored with
-the reason; a marker in the trial directory keeps Tune's retries from training it again.
+last checkpoint via ``tune.get_checkpoint``.
+
+A NaN/Inf loss ends the trial once: the reason goes to a marker file in the trial
+directory, a last result with ``val/acc = -inf`` and ``nonfinite_loss = 1`` is reported
+(the worst value for ASHA and for Optuna's TPE, which accepts infinite values), and the
+function returns normally, so Tune neither retries it (FailureConfig restarts only trials
+that raise) nor prints tracebacks. The summary reports such a trial
+as DIVERGED and never picks it as the best (tunebal/tune/report.py).
 """
 
 from __future__ import annotations
@@ -23,6 +29,11 @@ def split_data_knobs(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[st
     data = {k[len("data."):]: v for k, v in config.items() if k.startswith("data.")}
     rest = {k: v for k, v in config.items() if not k.startswith("data.")}
     return data, rest
+
+
+def diverged_result(reason: str) -> dict[str, Any]:
+    """The last result of a trial whose loss became NaN/Inf."""
+    return {"val/acc": float("-inf"), "nonfinite_loss": 1, "epoch_failed": reason[:200]}
 
 
 def run_trial(
@@ -47,8 +58,9 @@ def run_trial(
 
     trial_dir = Path(tune.get_context().get_trial_dir())
     marker = trial_dir / NONFINITE_MARKER
-    if marker.exists():  # a retry of a trial whose loss diverged: no point training again
-        raise NonFiniteLossError(marker.read_text().strip())
+    if marker.exists():  # a restored trial whose loss diverged: no point training again
+        tune.report(diverged_result(marker.read_text().strip()))
+        return
     torch.set_num_threads(max(1, threads))
     data_knobs, engine_config = split_data_knobs(config)
     data = build_dataset(dataset, {**data_values, **data_knobs})
@@ -63,7 +75,8 @@ def run_trial(
             metrics = engine.run_epoch()
         except NonFiniteLossError as exc:
             marker.write_text(str(exc))
-            raise
+            tune.report(diverged_result(str(exc)))
+            return
         with tempfile.TemporaryDirectory() as tmp:
             engine.save(os.path.join(tmp, CHECKPOINT_FILENAME), metrics)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))

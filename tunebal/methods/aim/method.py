@@ -117,7 +117,19 @@ from tunebal.methods.registry import register_method
 if TYPE_CHECKING:  # pragma: no cover
     from tunebal.engine import Engine
 
+def prototype_overlap(protos: torch.Tensor) -> torch.Tensor:
+    """Mean |off-diagonal| of O^m_d = <S(P^m_d), S(P^m_d)ᵀ> (AIM, Eq. 16; cosine similarity of
+    the K flattened prototypes of one depth): 0 = mutually orthogonal, 1 = collinear. The paper's
+    Fig. 4 shows it falling with depth on CREMA-D (stricter targets deeper in the network)."""
+    flat_p = F.normalize(protos.detach().float().reshape(protos.shape[0], -1), dim=1)
+    cos = flat_p @ flat_p.t()
+    k = cos.shape[0]
+    off = cos[~torch.eye(k, dtype=torch.bool, device=cos.device)]
+    return off.mean() if off.numel() else torch.zeros((), device=cos.device)
+
+
 TARGETS = ("dap", "label")
+AUX_FORMS = ("factorised", "direct")
 
 
 @register_method
@@ -134,7 +146,10 @@ class AIM(Method):
         Knob("ce_weight", "float", 1.0, "weight of plain CE from E on (before E it is 1)", low=0.0, high=100.0),
         Knob("mod_weight", "float", 1.0, "weight of L_mod (Eq. 15) in the loss", low=0.0, high=100.0),
         Knob("decoupler_lr", "float", 0.01, "Adam learning rate of the parameter decoupling mechanism", low=1e-6, high=10.0, log=True),
-        Knob("pam_after_start", "bool", False, "keep training the decoupler with L_pam from E on (Algorithm 1: no)"),
+        Knob("pam_after_start", "bool", True, "keep training the decoupler with L_pam from E on (false: Algorithm 1 line 10 read literally)"),
+        Knob("dap_from_mod", "bool", False, "L_mod also trains the DAP through P_d = E_<=d(P_0) (literal reading of Algorithm 1 line 10)"),
+        Knob("proto_refresh", "int", 1, "from E on, propagate P_d and take one Eq. 5 step of the DAP every this many steps (1: every step)", low=1, high=100000),
+        Knob("aux_form", "str", "factorised", "auxiliary/complement convolutions: basis conv + 1x1 mix (exact) or direct weights", choices=AUX_FORMS),
         Knob("proto_steps", "int", 50, "Adam steps fitting the DAP at the end of each epoch < E (and once before epoch 0)", low=0, high=100000),
         Knob("proto_lr", "float", 0.05, "Adam learning rate of the prototypes and their decoders", low=1e-6, high=10.0, log=True),
         Knob("rec_weight", "float", 1.0, "weight of the prototype reconstruction loss L_r (Eq. 4) in Eq. 5", low=0.0, high=100.0),
@@ -161,6 +176,8 @@ class AIM(Method):
         self._vec_sums: dict[str, torch.Tensor] = {}
         self._vec_counts: dict[str, int] = {}
         self._hooks: list[Any] = []
+        self._proto_cache: dict[str, list[torch.Tensor]] | None = None
+        self._step_in_epoch = 0
 
     # --- setup -----------------------------------------------------------------------------
     def setup(self, engine: "Engine") -> None:
@@ -228,12 +245,21 @@ class AIM(Method):
         self._vec_sums.clear()
         self._vec_counts.clear()
         self._capture = True
+        self._proto_cache = None
+        self._step_in_epoch = 0
         if self.dap is not None and not self.dap_fitted:
             self.fit_dap(engine, self.knobs["proto_steps"])
 
     def on_epoch_end(self, engine: "Engine") -> None:
         if self.dap is not None and engine.epoch < self.start_epoch:
             self.fit_dap(engine, self.knobs["proto_steps"])
+        if self.dap is not None:
+            with torch.no_grad(), engine.autocast():
+                protos, _ = self.dap.propagate(engine.model)
+            for m in self.modalities:
+                for d, p in enumerate(protos[m]):
+                    self.epoch_means.add(f"proto_cos/{m}/d{d + 1}", prototype_overlap(p))
+
 
     def before_fusion(self, ctx: StepContext) -> dict[str, torch.Tensor]:
         assert ctx.encoded is not None
@@ -249,6 +275,7 @@ class AIM(Method):
 
     def after_step(self, ctx: StepContext) -> None:
         self._capture = True
+        self._step_in_epoch += 1
         if self.decoupler_opt is not None and ctx.scratch.get("aim_pam_grad", False):
             self.decoupler_opt.step()
             self.decoupler_opt.zero_grad(set_to_none=True)
@@ -292,7 +319,8 @@ class AIM(Method):
         # --- targets at every depth: DAP prototypes (Eq. 6) or the unimodal prediction ----
         protos: dict[str, list[torch.Tensor]] = {}
         if self.dap is not None:
-            if modulating:
+            refresh = self._proto_cache is None or self._step_in_epoch % knob["proto_refresh"] == 0
+            if modulating and (refresh or knob["dap_from_mod"]):
                 protos, pfeats = self.dap.propagate(model)
                 l_cls, p_acc = self.dap.classification_loss(model, pfeats)
                 l_rec = self.dap.reconstruction_loss(self.class_means)
@@ -301,6 +329,12 @@ class AIM(Method):
                 self.epoch_means.add("loss/dap_cls", l_cls)
                 self.epoch_means.add("loss/dap_rec", l_rec)
                 self.epoch_means.add("dap/acc", p_acc)
+                if not knob["dap_from_mod"]:  # targets only: the DAP learns from Eq. 5 alone
+                    protos = {m: [p.detach() for p in ps] for m, ps in protos.items()}
+                    self._proto_cache = protos
+            elif modulating:  # between refreshes: the last propagated prototypes (constants)
+                assert self._proto_cache is not None
+                protos = self._proto_cache
             else:
                 with torch.no_grad():
                     protos, _ = self.dap.propagate(model)
@@ -327,6 +361,7 @@ class AIM(Method):
             nb = b if knob["branch_fraction"] >= 1.0 else min(b, max(2, math.ceil(knob["branch_fraction"] * b)))
             y = labels[:nb]
             train_pam = (not modulating) or knob["pam_after_start"]
+            factorised = knob["aux_form"] == "factorised"
             l_pam = torch.zeros((), device=labels.device)
             s_comp = torch.zeros_like(s)
             masks = torch.zeros_like(s)
@@ -338,8 +373,9 @@ class AIM(Method):
                     x = x[: nb * (x.shape[0] // b)]
                     if modulating:  # auxiliary block: θ^b(θ), decoupler frozen (interpretation 3)
                         with frozen(dec):
-                            aux = dec.decouple(block, ("aux",), detach_theta=False, reconstruct=False)
-                        out = run_block(block, aux.params["aux"], x)
+                            aux = dec.decouple(block, ("aux",), detach_theta=False, reconstruct=False, factorised=factorised)
+                        aux_params, aux_factors = aux.branch("aux")
+                        out = run_block(block, aux_params, x, aux_factors)
                         if self.dap is not None:
                             logits = dist(flat(out, nb), flat(protos[m][d], k))
                         else:
@@ -350,8 +386,8 @@ class AIM(Method):
                         losses_aux[i].append(l_md)
                     if train_pam:  # complement block: trains the decoupler only
                         with frozen(model):
-                            comp = dec.decouple(block, ("comp",), detach_theta=True)
-                            out = run_block(block, comp.params["comp"], x.detach())
+                            comp = dec.decouple(block, ("comp",), detach_theta=True, factorised=factorised)
+                            out = run_block(block, comp.params["comp"], x.detach(), comp.branch("comp")[1])
                             if self.dap is not None:
                                 logits = dist(flat(out, nb), flat(protos[m][d].detach(), k))
                             else:
@@ -390,7 +426,9 @@ class AIM(Method):
             total = total + knob["mod_weight"] * l_mod
             self.epoch_means.add("loss/mod", l_mod)
             self._add_vec("rho", torch.stack(rho_all, dim=1))
+            self._add_vec("L", torch.stack([torch.stack(row) for row in losses]))
             if pam:
+                self._add_vec("L_aux", torch.stack([torch.stack(row) for row in losses_aux]))
                 self._add_vec("s_aux", s_aux)
                 self._add_vec("rho_aux", torch.stack(rho_aux_all, dim=1))
         return total
@@ -403,7 +441,7 @@ class AIM(Method):
 
     def metrics(self) -> dict[str, float]:
         """Scalars, plus per (modality, depth) means: ``s/<m>/d<d>``, ``s_aux``, ``s_comp``,
-        ``rho``, ``rho_aux``, ``mask_mean``, and per depth ``alpha/d<d>`` (d counted from 1)."""
+        ``rho``, ``rho_aux``, ``mask_mean``, ``L``/``L_aux`` (Eq. 10's losses), and per depth ``alpha/d<d>`` (d counted from 1)."""
         out = self.epoch_means.means()
         for name, total in self._vec_sums.items():
             mean = (total / self._vec_counts[name]).cpu()
