@@ -40,7 +40,7 @@ def cremad_tree(root: Path, per_class_train: int = 4, per_class_test: int = 1, v
                 write_wav(root / "AudioWAV" / f"{clip}.wav", seconds=1.0, sr=16000, seed=n, freq=200.0 + 50 * c)
                 if video:
                     (root / "VideoFlash").mkdir(exist_ok=True)
-                    write_video(root / "VideoFlash" / f"{clip}.flv", seconds=2.5, fps=5, size_hw=(36, 48), seed=n,
+                    write_video(root / "VideoFlash" / f"{clip}.flv", seconds=3.0, fps=5, size_hw=(36, 48), seed=n,
                                 with_audio=False, container="flv")
                 else:
                     folder = root / "Image-01-FPS" / clip
@@ -145,7 +145,7 @@ def test_frames_are_stored_in_natural_order_and_chosen_deterministically(cremad_
     from media import jpg_colour
 
     _, out, splits, _ = cremad_prepared
-    data = build_dataset("cremad", {"root": str(out), **LOAD, "frames": 2})
+    data = build_dataset("cremad", {"root": str(out), **LOAD, "frames": 2, "val_fraction": 0.25})
     row_index = int(data.test.rows[0])
     stored = data.test.shards.row(row_index)["visual"]
     assert stored.shape == (3, 24, 24, 3)
@@ -169,7 +169,7 @@ def test_cremad_from_flash_video_decodes_frames_at_one_fps(tmp_path):
     assert report.counts == {"test": 6, "train": 12}
     data = build_dataset("cremad", {"root": str(tmp_path / "out"), **LOAD, "val_fraction": 0.5})
     counts = {int(data.train.shards.row(i)["visual"].shape[0]) for i in range(len(data.train.shards))}
-    assert counts == {3}  # 2.5 s at 1 fps: frames at 0.5, 1.5, 2.5 s -> 3 (max_frames 3)
+    assert counts == {3}  # 3 s at 1 fps: frames at 0.5, 1.5, 2.5 s (max_frames 3)
 
 
 def test_ks_mixed_layouts_missing_clips_reported_and_prepared(tmp_path):
@@ -188,8 +188,10 @@ def test_ks_mixed_layouts_missing_clips_reported_and_prepared(tmp_path):
     assert data.input_shape("visual") == (3, 3, 16, 16)
     frames = {int(data.train.shards.row(i)["visual"].shape[0]) for i in range(len(data.train.shards))}
     assert frames == {3}  # 3 jpgs, or a 3 s mp4 at 1 fps
-    with pytest.raises(ConfigError, match="prepared with profile='ogm22k'"):
-        build_dataset("ks", {"root": str(out), **LOAD, "frame_size": 24})
+    as_prepared = build_dataset("ks", {"root": str(out), **LOAD, "val_fraction": 0.34})  # '' = as prepared
+    assert as_prepared.input_shape("audio") == (1, 257, 188)
+    with pytest.raises(ConfigError, match="prepared with profile='ogm22k', not 'stft16k-10s'"):
+        build_dataset("ks", {"root": str(out), **LOAD, "profile": "stft16k-10s"})
 
 
 def test_manifest_csv_brings_three_modalities_and_its_own_validation_split(tmp_path):

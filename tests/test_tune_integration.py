@@ -150,12 +150,16 @@ def test_resume_an_interrupted_experiment(ray_cluster, tmp_path, monkeypatch):
     while time.time() < deadline and not list(exp.rglob(CHECKPOINT_FILENAME)):
         time.sleep(1)
     assert list(exp.rglob(CHECKPOINT_FILENAME)), "no checkpoint before the deadline"
-    proc.send_signal(signal.SIGINT)  # Ctrl+C
+    # SIGTERM (what a scheduler or `kill` sends) is handled like Ctrl+C: Tune's graceful stop
+    # saves the experiment state (tunebal/signals.py reinstalls the handler after ray.init)
+    proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        pytest.fail("SIGTERM did not end the search")
+    assert proc.returncode != 0
     before = {p.parent.name: len(p.read_text().splitlines()) for p in exp.glob("*/result.json")}
     assert before and min(before.values()) < 6, before
 

@@ -68,6 +68,8 @@ class Knob:
             if not math.isfinite(out):
                 raise ConfigError(f"{prefix} must be finite, got {value!r}")
         else:
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and self.choices is None:
+                value = str(value)  # a free-form string knob given a number (e.g. a preparation knob)
             if not isinstance(value, str):
                 raise ConfigError(f"{prefix} expects a string, got {value!r}")
             out = value

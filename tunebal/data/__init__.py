@@ -39,10 +39,10 @@ def build_dataset(name: str, values: Mapping[str, Any] | None = None) -> Multimo
 
 
 def _register_builtin() -> None:
-    from tunebal.data import synth
+    from tunebal.data import cremad, kinetics_sounds, manifest_csv, synth
 
-    register_dataset(synth.SPEC)
-    # REAL_DATASETS_PENDING
+    for module in (synth, cremad, kinetics_sounds, manifest_csv):
+        register_dataset(module.SPEC)
 
 
 _register_builtin()

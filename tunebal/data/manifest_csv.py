@@ -34,7 +34,7 @@ from tunebal.data.clips import (
     spectrogram,
 )
 from tunebal.data.prepare import Clip, Preparer, ScanResult
-from tunebal.data.prepared import load_knobs, load_prepared
+from tunebal.data.prepared import as_prepared_knobs, load_knobs, load_prepared
 from tunebal.data.base import DatasetSpec, MultimodalData
 from tunebal.data.shards import ModalitySpec
 from tunebal.errors import ConfigError, DataError
@@ -132,7 +132,7 @@ class ManifestCsv(Preparer):
 
 
 _PREPARER = ManifestCsv()
-_KNOBS = load_knobs(3, "carve a group-disjoint validation split (the 'group' column)") + _PREPARER.knobs
+_KNOBS = load_knobs(3, "carve a group-disjoint validation split (the 'group' column)") + as_prepared_knobs(_PREPARER)
 
 
 def _build(**values: Any) -> MultimodalData:

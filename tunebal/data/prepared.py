@@ -60,7 +60,11 @@ def load_knobs(frames: int, group_help: str) -> KnobSet:
 def carve_validation(
     labels: np.ndarray, groups: list[str], fraction: float, seed: int, by_group: bool
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted (train rows, validation rows) of a train split: stratified, or group-disjoint."""
+    """Sorted (train rows, validation rows) of a train split: stratified, or group-disjoint.
+
+    Stratified whenever sklearn can (every class with >= 2 samples and a validation split with
+    room for every class); otherwise, on tiny datasets, a plain seeded random split.
+    """
     from sklearn.model_selection import GroupShuffleSplit, train_test_split
 
     rows = np.arange(len(labels))
@@ -69,7 +73,10 @@ def carve_validation(
             splitter = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
             train, val = next(splitter.split(rows, labels, groups=np.asarray(groups)))
         else:
-            train, val = train_test_split(rows, test_size=fraction, stratify=labels, random_state=seed)
+            try:
+                train, val = train_test_split(rows, test_size=fraction, stratify=labels, random_state=seed)
+            except ValueError:
+                train, val = train_test_split(rows, test_size=fraction, random_state=seed)
     except ValueError as exc:
         raise ConfigError(f"cannot carve a validation split ({' '.join(str(exc).split())})") from None
     return np.sort(train), np.sort(val)
@@ -133,6 +140,25 @@ def default_prepared_dir(preparer: Preparer, root: str | os.PathLike, values: Ma
     return cache_dir() / "prepared" / f"{preparer.name}-{key}"
 
 
+def as_prepared_knobs(preparer: Preparer) -> KnobSet:
+    """The preparer's knobs as load-time knobs: strings whose default '' means "as prepared"
+    (for a prepared root) or the preparation default (for a raw root). A value that is set is
+    checked against the preparer's own declaration when it is used."""
+    return knobs(*(
+        Knob(k.name, "str", "", f"{k.help} [preparation; default {k.default!r}; '' = as prepared]")
+        for k in preparer.knobs
+    ))
+
+
+def requested_preparation(preparer: Preparer, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The preparation knobs the user set (typed by the preparer's declarations)."""
+    return {
+        k.name: k.coerce(values[k.name], where=f"dataset {preparer.name}: ")
+        for k in preparer.knobs
+        if values.get(k.name, "") != ""
+    }
+
+
 def resolve_prepared(preparer: Preparer, values: Mapping[str, Any]) -> Path:
     """The prepared directory for ``values``: ``root`` itself, or a preparation of the raw ``root`` (made now if needed)."""
     if not values["root"]:
@@ -142,7 +168,7 @@ def resolve_prepared(preparer: Preparer, values: Mapping[str, Any]) -> Path:
         raise DataError(f"dataset {preparer.name}: root {root} is not a directory")
     if (root / MANIFEST).is_file():
         return root
-    prep_values = {k.name: values[k.name] for k in preparer.knobs}
+    prep_values = preparer.knobs.resolve(requested_preparation(preparer, values))
     out = Path(values["prepared"]).expanduser() if values["prepared"] else default_prepared_dir(preparer, root, prep_values)
     if not (out / MANIFEST).is_file():
         workers = values["prepare_workers"] or os.cpu_count() or 1
@@ -158,14 +184,12 @@ def load_prepared(preparer: Preparer, values: Mapping[str, Any]) -> MultimodalDa
     params = manifest["params"]
     if params.get("dataset") != preparer.name:
         raise DataError(f"{directory} holds a prepared '{params.get('dataset')}', not '{preparer.name}'")
-    for knob in preparer.knobs:
-        have = params["knobs"].get(knob.name)
-        if knob.type == "str" and values[knob.name] == "":  # unset: whatever was prepared
-            continue
-        if have != values[knob.name]:
+    for name, want in requested_preparation(preparer, values).items():
+        have = params["knobs"].get(name)
+        if have != want:
             raise ConfigError(
-                f"{directory} was prepared with {knob.name}={have!r}, not {values[knob.name]!r}; "
-                f"pass --data {knob.name}={have} or prepare again into another directory"
+                f"{directory} was prepared with {name}={have!r}, not {want!r}; "
+                f"drop --data {name} or prepare again into another directory"
             )
     modalities = {m: ModalitySpec.from_json(d) for m, d in params["modalities"].items()}
     sets = {s: ShardSet(directory, info["shards"], modalities, manifest["params_hash"]) for s, info in manifest["splits"].items()}
@@ -208,7 +232,7 @@ def load_prepared(preparer: Preparer, values: Mapping[str, Any]) -> MultimodalDa
 
 def real_dataset_spec(preparer: Preparer, description: str, frames: int, group_help: str) -> DatasetSpec:
     """The registered spec of a raw-file dataset: shared load knobs + the preparer's knobs."""
-    all_knobs = load_knobs(frames, group_help) + preparer.knobs
+    all_knobs = load_knobs(frames, group_help) + as_prepared_knobs(preparer)
 
     def build(**values: Any) -> MultimodalData:
         return load_prepared(preparer, all_knobs.resolve(values, where=f"dataset {preparer.name}: "))

@@ -18,22 +18,28 @@ Algorithm 1 as implemented (E = ``start_epoch``; formulas in losses.py):
 * **Epochs e >= E** ("modulation" phase). Each step: decouple every block (Eq. 7), compute
   s^m_d, ŝ^m_d, L^m_d, L̂^m_d against the DAP (Eqs. 9-10, ŝ/L̂ with the auxiliary block on the
   original block's input I^m_d), ρ, ρ̂ (Eq. 12), L_d (Eq. 11), α_d (Eq. 14), L_mod (Eq. 15);
-  the loss is ``ce_weight``·CE + ``mod_weight``·L_mod [+ L_pam] + L_cls + rec_weight·L_r.
-  The framework gets L_mod through its data path (original blocks, and auxiliary blocks via
-  the decoupler's Jacobian, Eq. 13) and CE; the DAP gets L_mod through the prototypes and
-  Eq. 5's loss (Algorithm 1 line 10: framework and DAP updated jointly).
+  the loss is ``ce_weight``·CE + ``mod_weight``·L_mod + L_pam + [L_cls + rec_weight·L_r].
+  The framework learns from CE and from L_mod through its data path only (original blocks,
+  and auxiliary blocks via the decoupler's Jacobian, Eq. 13); the decoupler from L_pam only;
+  the DAP from Eq. 5 only, one Adam step every ``proto_refresh`` steps, when P_d = E_≤d(P_0)
+  is also re-propagated (interpretations 2, 12, 16).
 
 Interpretations (the paper leaves these open; each is a knob or documented here):
 
 1. **Plain CE after E** is kept with weight ``ce_weight`` (default 1): Algorithm 1 line 10
    names only L_mod and Eq. 5, but L_mod alone never trains the fusion module and the
    classifier (it only reaches the encoders), so without CE the head would freeze at E.
-2. **The decoupler stops training at E** (``pam_after_start``, default off), as Algorithm 1
-   line 10 states: from E on only the framework and the DAP are updated. The decoupler is
-   not stale for it: θ^b = Ψ(Φ_lat(θ) ⊙ σ(Φ_mask(Φ_lat(θ)))) is a learnt *function* of the
-   current θ, so the mask keeps following θ. The complement block (whose only job is L_pam)
-   is then not run after E, which takes the step from 4.3× to 2.9× of the baseline's
-   (tunebal/bench/aim.py, timing part). ``pam_after_start=true`` keeps L_pam in the loss after E.
+2. **The decoupler keeps learning after E** (``pam_after_start``, default on). The paper's
+   mask exists to find "the under-optimized parameters" of each block (§III-D), which change
+   as the block trains, and Algorithm 1 line 2 trains "the multimodal framework and the
+   parameter decoupling mechanism jointly using Eqs. (2) and (8)"; line 10 ("Jointly update
+   multimodal framework and DAP using L_mod and Eq. (5)") does not name the decoupler, and read
+   literally it freezes it at E (``pam_after_start=false``). Frozen, the decoupler is never
+   trained when E = 0 (the mask stays at 0.5), and on synth the literal reading was no better
+   than w/o PAM (90.3 ± 9.5 against 90.7 ± 7.2 % test, 3 seeds), while training it after E gave
+   93.9 ± 4.9 (tunebal/bench/aim.py, compare part). With the default, E = 0 is meaningful: the
+   DAP is fitted once before epoch 0 (interpretation 5) and the decoupler learns alongside
+   modulation from the first step.
 3. **L_mod does not train the decoupler**: the auxiliary branch is computed with the
    decoupler's parameters frozen, so only θ (Eq. 13) and the shared BatchNorm affine
    parameters learn from L̂. Otherwise L̂ would push the mask to make the *auxiliary* block
@@ -67,23 +73,40 @@ Interpretations (the paper leaves these open; each is a knob or documented here)
     clipping. The decoupler's outputs feed BatchNorm-normalised layers, which makes its
     loss scale-invariant in θ^a; plain SGD at the framework's rate diverged on a toy
     problem while Adam trains the mask stably.
-12. **The DAP is trained by L_mod too after E** (through P_d = E_{≤d}(P_0), with the
-    framework frozen on that path), besides Eq. 5's loss: Algorithm 1 line 10 updates "the
-    multimodal framework and DAP using L_mod and Eq. 5". The prototype path never trains
-    the framework: Eq. 5 is stated with the framework frozen, and the prototypes are the
-    blocks' targets; the framework learns from L_mod through its data path only.
+12. **The DAP learns from Eq. 5 only** (``dap_from_mod``, default off). Line 10, "Jointly
+    update multimodal framework and DAP using L_mod and Eq. (5)", is read as the framework
+    from L_mod and the DAP from Eq. 5, the DAP's own objective (line 2: "Freeze the multimodal
+    framework and optimize DAP using Eq. (5)"): P_d are the *targets* of Eqs. 9-10, and L_mod
+    through P_d would pull the prototypes towards the blocks' outputs, away from Eq. 5's
+    minimiser, shrinking the gaps in s that α (Eq. 14) and ρ (Eq. 12) measure. In L_mod the
+    P_d are constants. ``dap_from_mod=true`` is the literal reading (L_mod also reaches P_0
+    and the decoders). The prototype path never trains the framework (Eq. 5 freezes it).
 13. **Sums**: L_pam sums Eq. 8 over all blocks (m, d) (each block has its own decoupler, so
     this trains each on its own Eq. 8); ||θ − Ψ(θ_lat)||² sums over the block's decoupled
     tensors (Frobenius); L_r is Eq. 4 as printed (squared Frobenius norm, not a mean).
 14. **Distances** are the paper's raw Euclidean −δ by default (see losses.py); on synth the
     softmax over them is far from saturated (s^m_d between 1/K and ~0.85).
+16. **Prototype refresh** (``proto_refresh``, default 1 = every step). From E on, P_d is
+    re-propagated and the DAP takes its Eq. 5 Adam step on steps 0, n, 2n, ... of each epoch;
+    in between, L_mod uses the last propagated P_d. Eq. 5 keeps its meaning (the DAP
+    minimises it for the current framework, updated every n steps instead of every step).
+    The counter restarts each epoch, so a resume at an epoch boundary stays bit-exact.
+17. **Factorised auxiliary convolutions** (``aux_form``, default ``factorised``): the
+    auxiliary and complement layers are computed as a convolution with the L + 1 basis filters
+    of Ψ followed by a 1x1 mix (decoupler.py), exactly equal in outputs and gradients to the
+    direct form (``aux_form=direct``), and cheaper wherever (L+1)(n + C_out) < C_out·n.
+18. **Prototype orthogonality** (Eq. 16, Fig. 4): at each epoch's end the mean |off-diagonal|
+    cosine similarity of the K prototypes at each depth is logged as ``proto_cos/<m>/d<d>``.
+19. **BatchNorm statistics after E**: modulation at high learning rates moves the early
+    convolutions quickly, so the running statistics lag and eval-mode accuracy can collapse
+    while the weights are fine; the common knob ``bn_recalibrate`` (tunebal/bn.py, precise
+    BN) recomputes them before validation. The AIM search space turns it on.
 15. **Speed knob** ``branch_fraction``: the auxiliary and complement blocks see only the
     first ⌈f·B⌉ samples of each shuffled batch (1 = the paper). Faithfully, every step of
     the modulation phase runs each block twice (original and auxiliary, both with their
     backward) plus the K prototypes through the whole network, with a distance loss at
-    every depth; before E each block runs twice too (original, complement). The step costs
-    about 2.9× the baseline's after E and 2.2× before it on CPU (tunebal/bench/aim.py
-    measures it).
+    every depth; before E each block runs twice too (original, complement).
+    tunebal/bench/aim.py measures the step time over the baseline's (timing and resnet parts).
 
 All of AIM's state (decoupler and its Adam, prototypes, decoders and their Adam, whether
 the DAP was fitted, the RNG) is in ``state_dict``.
@@ -125,7 +148,7 @@ def prototype_overlap(protos: torch.Tensor) -> torch.Tensor:
     cos = flat_p @ flat_p.t()
     k = cos.shape[0]
     off = cos[~torch.eye(k, dtype=torch.bool, device=cos.device)]
-    return off.mean() if off.numel() else torch.zeros((), device=cos.device)
+    return off.abs().mean() if off.numel() else torch.zeros((), device=cos.device)
 
 
 TARGETS = ("dap", "label")
