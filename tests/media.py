@@ -1,7 +1,7 @@
 """Real encoded media files for tests: wav (soundfile), jpg (Pillow), mp4/flv (PyAV). Nothing is downloaded.
 
 Each writer's content depends on its seed, so tests can recognise which frame or clip they read:
-a JPEG is a solid colour (:func:`jpg_colour`), a video frame's colour ramps with time.
+a JPEG is a colour ramp around :func:`jpg_colour`, a video frame's colour ramps with time.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def write_wav(path: Path, seconds: float, sr: int, seed: int, freq: float = 440.
 
 
 def jpg_colour(seed: int) -> np.ndarray:
-    """The RGB colour :func:`write_jpg` paints for ``seed``."""
+    """The mean RGB colour of :func:`write_jpg`'s image for ``seed`` (a ramp around it, so crops and flips show)."""
     return np.random.default_rng(seed).integers(30, 225, 3).astype(np.float64)
 
 
@@ -32,8 +32,10 @@ def write_jpg(path: Path, size_hw: tuple[int, int], seed: int) -> Path:
     from PIL import Image
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    img = np.empty((*size_hw, 3), dtype=np.uint8)
-    img[:] = jpg_colour(seed).astype(np.uint8)
+    h, w = size_hw
+    ramp = np.linspace(-25.0, 25.0, w)[None, :, None] * np.linspace(-1.0, 1.0, h)[:, None, None]  # mean 0, not flip-symmetric
+    ramp = ramp + np.linspace(-20.0, 20.0, w)[None, :, None]
+    img = np.clip(jpg_colour(seed)[None, None, :] + ramp, 0, 255).astype(np.uint8)
     Image.fromarray(img).save(path, quality=95)
     return path
 

@@ -159,7 +159,8 @@ def test_resume_an_interrupted_experiment(ray_cluster, tmp_path, monkeypatch):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         pytest.fail("SIGTERM did not end the search")
-    assert proc.returncode != 0
+    assert proc.returncode == 130, proc.returncode
+    assert f"tunebal: interrupted; continue with --resume --name {name}" in proc.stderr.read().decode()
     before = {p.parent.name: len(p.read_text().splitlines()) for p in exp.glob("*/result.json")}
     assert before and min(before.values()) < 6, before
 

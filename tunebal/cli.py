@@ -172,6 +172,11 @@ def cmd_search(args: argparse.Namespace) -> int:
         space_file=args.space, overrides=_assignments(args.overrides), data_values=_assignments(args.data_values, "--data"),
     )
     summary = run_search(opts)
+    from tunebal import signals
+
+    if signals.interrupted():  # Tune stopped gracefully and saved the experiment
+        print(f"tunebal: interrupted; continue with --resume --name {opts.name} --storage {args.storage}", file=sys.stderr)
+        return 130
     return 0 if summary["best"] is not None else 1
 
 

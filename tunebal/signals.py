@@ -54,6 +54,11 @@ def _on_signal_int(signum: int, frame) -> None:
     raise KeyboardInterrupt
 
 
+def interrupted() -> bool:
+    """Whether a SIGTERM/SIGINT reached one of these handlers in this process."""
+    return _state["signalled"]
+
+
 def install() -> None:
     """Install the SIGTERM handler (and the SIGINT one when SIGINT still has Python's default)."""
     if threading.current_thread() is not threading.main_thread():

@@ -34,7 +34,7 @@ def load_imagenet_resnet18(net: nn.Module, path: str | os.PathLike, in_channels:
         raise ConfigError(f"pretrained weights {path}: expected a dict of tensors")
     state = {k.removeprefix("module."): v for k, v in state.items() if not k.removeprefix("module.").startswith("fc.")}
     conv1 = state.get("conv1.weight")
-    if conv1 is not None and conv1.shape[1] != in_channels:
+    if conv1 is not None and conv1.dim() == 4 and conv1.shape[1] != in_channels:
         state["conv1.weight"] = conv1.mean(dim=1, keepdim=True).repeat(1, in_channels, 1, 1)
     own = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
