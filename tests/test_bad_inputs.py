@@ -345,6 +345,20 @@ def test_checkpoint_bad_inputs_are_one_line(checkpoint, tmp_path, capsys):
     assert "unknown split 'dev'" in line
 
 
+def test_checkpoint_of_another_method_is_refused(checkpoint, tiny_data):
+    """checkpoint-other-method: a valid checkpoint loaded into an engine of another method."""
+    from tunebal.engine import Engine
+    from tunebal.errors import CheckpointError
+
+    engine = Engine(tiny_data, "ogm", {"width": 4, "epochs": 1})
+    before = {k: v.clone() for k, v in engine.model.state_dict().items()}
+    with pytest.raises(CheckpointError, match="written for method 'baseline', not 'ogm'") as info:
+        engine.load(str(checkpoint))
+    assert "\n" not in str(info.value)
+    after = engine.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing was loaded
+
+
 def test_checkpoint_bit_flips_in_metadata_never_load(checkpoint, tmp_path, capsys):
     """A real training checkpoint: 250 seeded single-bit flips in the metadata/footer
     region, each one line through `tunebal evaluate` (the library-level test is in
@@ -545,6 +559,7 @@ OTHER_ROWS = {
     "evaluate-device-bogus": test_checkpoint_bad_inputs_are_one_line,
     "evaluate-split-unknown": test_checkpoint_bad_inputs_are_one_line,
     "checkpoint-bit-flips": test_checkpoint_bit_flips_in_metadata_never_load,
+    "checkpoint-other-method": test_checkpoint_of_another_method_is_refused,
     "synth-cache-corrupt": test_corrupt_synth_cache_is_regenerated_with_one_warning,
     "array-file-bit-flips": test_array_file_round_trip_and_every_flip_rejected,
     "errored-trial-best": test_errored_or_diverged_trial_is_never_the_best,

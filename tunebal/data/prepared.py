@@ -111,10 +111,14 @@ class ClipDecoder:
             rng = np.random.default_rng([self.seed, epoch, index]) if train else None
             chosen = segment_indices(int(x.shape[0]), self.frames, train, rng)
             clip = torch.from_numpy(np.ascontiguousarray(x[chosen])).permute(0, 3, 1, 2)  # (T, 3, S, S) uint8
-            if train:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(_sample_seed(self.seed, epoch, index))
+            if train:  # seed torch's CPU generator per sample, and restore it afterwards
+                generator = torch.default_generator
+                saved = generator.get_state()
+                generator.manual_seed(_sample_seed(self.seed, epoch, index))
+                try:
                     clip = self._transform(True)(clip)
+                finally:
+                    generator.set_state(saved)
             else:
                 clip = self._transform(False)(clip)
             out[m] = clip.contiguous()

@@ -209,16 +209,24 @@ class _OpenShard:
         }
         self._digests = table.column("digest")
         self._modalities = modalities
+        self._verified = np.zeros(table.num_rows, dtype=bool)
 
     def row(self, i: int) -> dict[str, np.ndarray]:
-        """Row ``i``'s payloads as read-only arrays over the memory map, after checking its digest."""
+        """Row ``i``'s payloads as read-only arrays over the memory map.
+
+        The row's digest is checked the first time this process reads it (the map is read-only
+        and the file's size and index were checked at open), so every byte is verified before
+        it is first used without re-hashing the data every epoch.
+        """
         views: dict[str, memoryview] = {}
         for m in self._modalities:
             offsets, buf = self._payload[m]
             views[m] = memoryview(buf)[int(offsets[i]) : int(offsets[i + 1])]
-        digest = row_digest(self.ids[i], int(self.labels[i]), self.groups[i], list(views.values()))
-        if digest != self._digests[i].as_py():
-            raise DataError(f"prepared shard {self.path}: row {i} (clip {self.ids[i]}) fails its digest (corrupt or edited)")
+        if not self._verified[i]:
+            digest = row_digest(self.ids[i], int(self.labels[i]), self.groups[i], list(views.values()))
+            if digest != self._digests[i].as_py():
+                raise DataError(f"prepared shard {self.path}: row {i} (clip {self.ids[i]}) fails its digest (corrupt or edited)")
+            self._verified[i] = True
         out = {}
         for m, spec in self._modalities.items():
             arr = np.frombuffer(views[m], dtype=np.dtype(_DTYPES[spec.dtype]).newbyteorder("<"))

@@ -135,7 +135,7 @@ def parse_address(address: str) -> tuple[str, int] | None:
 def probe_address(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:
     """Fail within ``timeout`` seconds when nothing listens at ``address`` (Ray would retry forever)."""
     target = parse_address(address)
-    if True:
+    if target is None:
         return
     host, port = target
     start = time.monotonic()
