@@ -203,6 +203,21 @@ def test_data_too_large_is_refused_before_allocating(monkeypatch):
         synth.build_synth(use_cache=False, **values)  # now allowed: reaches generate
 
 
+@pytest.mark.ray
+def test_trial_larger_than_the_connected_cluster_is_refused(ray_cluster, tmp_path):
+    """cpus-per-trial-too-many against a running cluster (2 CPUs): refused right after
+    connecting, before any trial is queued (Tune would wait for it forever)."""
+    from tunebal.errors import ConfigError
+    from tunebal.tune.runner import SearchOptions, run_search
+
+    opts = SearchOptions(
+        method="baseline", storage=str(tmp_path), name="big", data_values=dict(TINY), cpus_per_trial=3, verbose=0
+    )
+    with pytest.raises(ConfigError, match="--cpus-per-trial 3 is more than the 2 CPUs of the Ray cluster"):
+        run_search(opts)
+    assert not (tmp_path / "big").exists()
+
+
 # --------------------------------------------------------------------------- resume safety
 
 

@@ -12,8 +12,9 @@ import torch
 from media import corrupt_file, frame_level, write_jpg, write_video, write_wav
 from tunebal.data.audio import AUDIO_PROFILES, audio_features, fit_duration, load_clip_audio
 from tunebal.data.transforms import frame_transform, normalize_on_device
-from tunebal.data.video import decode_video_frames, list_frame_files, load_image_uint8, segment_indices
+from tunebal.data.video import decode_video_frames, list_frame_files, load_image_uint8, probe_video, segment_indices
 from tunebal.errors import ConfigError, DataError
+from tunebal.models.pretrained import load_imagenet_resnet18
 
 
 @pytest.mark.parametrize(
@@ -56,6 +57,53 @@ def test_video_frames_are_taken_at_one_per_second_in_time_order(tmp_path):
     want = [frame_level(3, i + 0.5) for i in range(10)]
     assert max(abs(a - b) for a, b in zip(levels, want)) <= 4, (levels, want)
     assert decode_video_frames(path, fps=1.0, size=16, max_frames=3).shape[0] == 3
+
+
+@pytest.mark.parametrize("container", ["mp4", "flv"])
+def test_a_3_s_clip_gives_3_frames_at_1_fps_and_probe_reads_the_header(tmp_path, container):
+    path = write_video(tmp_path / f"v.{container}", seconds=3.0, fps=4, size_hw=(24, 32), seed=1, with_audio=True,
+                       container=container)
+    info = probe_video(path)
+    assert (info.n_video, info.n_audio, info.width, info.height) == (1, 1, 32, 24)
+    assert info.fps == pytest.approx(4.0) and info.duration == pytest.approx(3.0, abs=0.3)
+    frames = decode_video_frames(path, fps=1.0, size=8)
+    assert frames.shape == (3, 8, 8, 3) and frames.dtype == np.uint8
+    levels = [int(round(f.mean())) for f in frames]
+    assert max(abs(a - b) for a, b in zip(levels, [frame_level(1, t) for t in (0.5, 1.5, 2.5)])) <= 4, levels
+    assert load_clip_audio(path, AUDIO_PROFILES["ogm22k"]).shape == (1, 257, 188)  # aac (mp4) / mp3 (flv) track
+
+
+def test_video_frames_are_the_nearest_to_each_segment_middle(tmp_path):
+    # 3 fps source (frames at k/3 s, the last at 8/3), 1.2 fps request: targets 0.417, 1.25, 2.083,
+    # 2.917 s (all before the 3 s end); nearest frames 1/3, 4/3, 6/3, 8/3 s ("first frame at or after"
+    # would give 2/3, 4/3, 7/3 and none for the last)
+    path = write_video(tmp_path / "v.mp4", seconds=3.0, fps=3, size_hw=(16, 16), seed=2, with_audio=False)
+    levels = [int(round(f.mean())) for f in decode_video_frames(path, fps=1.2, size=8)]
+    want = [frame_level(2, k / 3) for k in (1, 4, 6, 8)]
+    assert len(levels) == 4 and max(abs(a - b) for a, b in zip(levels, want)) <= 4, (levels, want)
+
+
+def test_missing_streams_and_files_are_data_errors(tmp_path):
+    silent = write_video(tmp_path / "silent.mp4", seconds=1.0, fps=4, size_hw=(16, 16), seed=0, with_audio=False)
+    with pytest.raises(DataError, match="no audio stream"):
+        load_clip_audio(silent, AUDIO_PROFILES["stft16k"])
+    for call in (lambda p: decode_video_frames(p, 1.0, 8), probe_video, lambda p: load_clip_audio(p, AUDIO_PROFILES["stft16k"])):
+        with pytest.raises(DataError) as info:
+            call(tmp_path / "gone.mp4")
+        assert str(tmp_path / "gone.mp4") in str(info.value)
+    with pytest.raises(DataError, match="does not exist"):
+        list_frame_files(tmp_path / "no-such-folder")
+
+
+def test_image_resize_is_a_square_bilinear_resize_ignoring_aspect(tmp_path):
+    from PIL import Image
+
+    img = np.zeros((10, 40, 3), np.uint8)
+    img[:, 20:] = 200  # right half bright
+    Image.fromarray(img).save(tmp_path / "wide.png")
+    out = load_image_uint8(tmp_path / "wide.png", 8)
+    assert out.shape == (8, 8, 3)
+    assert (out[:, :3] == 0).all() and (out[:, 5:] == 200).all()  # squeezed, not cropped: both halves remain
 
 
 def test_frame_folders_sort_naturally_and_images_resize(tmp_path):
@@ -161,3 +209,28 @@ def test_audio_features_rejects_non_finite_and_empty_input():
         audio_features(np.array([np.nan, 1.0], dtype=np.float32), AUDIO_PROFILES["ogm22k"])
     with pytest.raises(DataError):
         audio_features(np.zeros(0, dtype=np.float32), AUDIO_PROFILES["ogm22k"])
+
+
+def test_load_imagenet_resnet18_direct_averaging_and_one_line_errors(tmp_path):
+    from torchvision.models import resnet18, resnet34
+
+    source = resnet18(weights=None)
+    path = tmp_path / "r18.pth"
+    torch.save(source.state_dict(), path)
+    net = resnet18(weights=None)
+    net.conv1 = torch.nn.Conv2d(2, 64, 7, 2, 3, bias=False)  # 2-channel optical flow stem
+    fc_before = net.fc.weight.clone()
+    load_imagenet_resnet18(net, str(path), in_channels=2)
+    want = source.conv1.weight.mean(dim=1, keepdim=True).repeat(1, 2, 1, 1)
+    torch.testing.assert_close(net.conv1.weight, want)
+    torch.testing.assert_close(net.layer2[0].downsample[1].running_var, source.layer2[0].downsample[1].running_var)
+    assert torch.equal(net.fc.weight, fc_before)  # fc.* is ignored
+    torch.save(resnet34(weights=None).state_dict(), tmp_path / "r34.pth")
+    bad_shape = dict(source.state_dict(), **{"layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1)})
+    torch.save(bad_shape, tmp_path / "shape.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a zip or pickle")
+    for name, match in [("missing.pth", "no such file"), ("r34.pth", "not a ResNet18"), ("shape.pth", "shape mismatch"),
+                        ("junk.pth", "not a plain tensor")]:
+        with pytest.raises(ConfigError, match=match) as info:
+            load_imagenet_resnet18(resnet18(weights=None), str(tmp_path / name), in_channels=3)
+        assert str(tmp_path / name) in str(info.value) and "\n" not in str(info.value)

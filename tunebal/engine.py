@@ -63,6 +63,19 @@ def pick_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
+class _Plan:
+    """The sampler of a persistent loader: the batches of the current pass, replaced before each pass."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[int, bool, list[int]]] = []
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
 class _PlannedBatches:
     """A map-style dataset whose items are whole batches: ``(epoch, train, indices)`` -> batch.
 
@@ -121,6 +134,7 @@ class Engine:
         if self.use_amp:
             self.model = self.model.to(memory_format=torch.channels_last)
         self._resident = self._place_data()
+        self._loaders: dict[int, tuple[_Plan, Any]] = {}
         self.optimizer = self._build_optimizer()
         self.scheduler = self._build_scheduler()
         self.method: Method = method_cls(self.method_knobs, data.modalities, data.num_classes, self.common["seed"])
@@ -221,19 +235,30 @@ class Engine:
                 inputs = {m: x.pin_memory() for m, x in inputs.items()}
             yield {m: self._to_device(m, x) for m, x in inputs.items()}, labels.to(self.device, non_blocking=True)
 
-    def _iterate_streaming(self, split: Source, plan: list[torch.Tensor], train: bool) -> Iterator[Batch]:
+    def _loader(self, split: Source) -> tuple["_Plan", Any]:
+        """One DataLoader per streaming split, its workers kept for the engine's lifetime
+        (``persistent_workers``), so memory maps stay open and rows stay verified across epochs;
+        its sampler is the plan of the current pass."""
         from torch.utils.data import DataLoader
 
-        items = [(self.epoch, train, idx.tolist()) for idx in plan]
-        workers = self.loader_workers()
-        loader = DataLoader(
-            _PlannedBatches(split),
-            sampler=items,
-            batch_size=None,
-            num_workers=workers,
-            pin_memory=self.device.type == "cuda",
-            prefetch_factor=2 if workers else None,
-        )
+        entry = self._loaders.get(id(split))
+        if entry is None:
+            plan, workers = _Plan(), self.loader_workers()
+            loader = DataLoader(
+                _PlannedBatches(split),
+                sampler=plan,
+                batch_size=None,
+                num_workers=workers,
+                pin_memory=self.device.type == "cuda",
+                persistent_workers=workers > 0,
+                prefetch_factor=2 if workers else None,
+            )
+            entry = self._loaders[id(split)] = (plan, loader)
+        return entry
+
+    def _iterate_streaming(self, split: Source, plan: list[torch.Tensor], train: bool) -> Iterator[Batch]:
+        items, loader = self._loader(split)
+        items.items = [(self.epoch, train, idx.tolist()) for idx in plan]
         for inputs, labels in loader:
             yield {m: self._to_device(m, x) for m, x in inputs.items()}, labels.to(self.device, non_blocking=True)
 

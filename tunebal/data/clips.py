@@ -25,7 +25,7 @@ def preparation_knobs(profile: str, max_frames: int) -> KnobSet:
     from tunebal.data.audio import AUDIO_PROFILES
 
     return knobs(
-        Knob("profile", "str", profile, "audio preprocessing profile (see README: Datasets)", choices=tuple(AUDIO_PROFILES)),
+        Knob("profile", "str", profile, f"audio preprocessing profile: {', '.join(AUDIO_PROFILES)}", choices=tuple(AUDIO_PROFILES)),
         Knob("spec_dtype", "str", "float16", "stored spectrogram dtype", choices=("float16", "float32")),
         Knob("frame_size", "int", 256, "stored frame size S (frames are stored S x S uint8, then cropped to image_size)", low=8, high=1024),
         Knob("fps", "float", 1.0, "frames per second decoded from video files", low=0.05, high=60.0),

@@ -5,8 +5,9 @@
 - :func:`load_image_uint8` decodes one image with Pillow and resizes it to ``size x size``
   (bilinear, antialiased; the aspect ratio is not kept, like the peers' ``Resize((224, 224))``).
 - :func:`decode_video_frames` decodes an mp4/flv with PyAV at ``fps`` frames per second: frame
-  ``i`` is the first decoded frame at or after ``t = (i + 0.5) / fps`` (the middle of each
-  second at 1 fps), so a 3 s clip gives frames at 0.5, 1.5 and 2.5 s.
+  ``i`` is the decoded frame nearest to ``t = (i + 0.5) / fps`` (the middle of each second at
+  1 fps), so a 3 s clip gives frames at 0.5, 1.5 and 2.5 s and a 10 s clip gives 10 frames.
+  :func:`probe_video` reads duration, frame rate and stream counts from the header only.
 - :func:`segment_indices` chooses ``n`` frames out of the stored ones: one per equal segment,
   a seeded random index in training, the segment's centre in evaluation.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -66,27 +68,94 @@ def load_image_uint8(path: str | os.PathLike, size: int) -> np.ndarray:
         raise DataError(f"cannot decode image {path}: {_one_line(exc)}") from None
 
 
-def decode_video_frames(path: str | os.PathLike, fps: float, size: int, max_frames: int | None = None) -> np.ndarray:
-    """``(N, size, size, 3)`` uint8 frames of a video at ``fps`` (see the module docstring)."""
+class VideoInfo(NamedTuple):
+    """What :func:`probe_video` reads from a container's header (nothing is decoded)."""
+
+    duration: float  # seconds; 0.0 where the container does not say
+    fps: float  # the first video stream's average frame rate; 0.0 where unknown
+    n_video: int
+    n_audio: int
+    width: int
+    height: int
+
+
+def probe_video(path: str | os.PathLike) -> VideoInfo:
+    """Header facts of a video file (duration, frame rate, stream counts, size); DataError if unreadable."""
     import av
 
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(f"cannot decode video {path}: no such file")
+    try:
+        with av.open(path) as container:
+            videos, audios = container.streams.video, container.streams.audio
+            duration = container.duration / 1e6 if container.duration else 0.0  # microseconds (av.time_base)
+            if not duration and videos and videos[0].duration and videos[0].time_base:
+                duration = float(videos[0].duration * videos[0].time_base)
+            rate = videos[0].average_rate if videos else None
+            width = videos[0].codec_context.width if videos else 0
+            height = videos[0].codec_context.height if videos else 0
+            return VideoInfo(float(duration), float(rate) if rate else 0.0, len(videos), len(audios), width, height)
+    except Exception as exc:  # av.error.InvalidDataError and friends
+        raise DataError(f"cannot decode video {path}: {_one_line(exc)}") from None
+
+
+def _frame_time(frame, index: int, rate: float) -> float:
+    if frame.time is not None:
+        return float(frame.time)
+    return index / rate if rate else float(index)
+
+
+def decode_video_frames(path: str | os.PathLike, fps: float, size: int, max_frames: int | None = None) -> np.ndarray:
+    """``(N, size, size, 3)`` uint8 frames of a video at ``fps`` frames per second.
+
+    Frame ``i`` is the decoded frame nearest to ``t_i = (i + 0.5) / fps`` seconds after the
+    first frame (ties go to the earlier frame); ``N`` counts the ``t_i`` before the end of the
+    stream (last frame time + one frame duration), so a 10 s clip gives 10 frames at 1 fps,
+    taken at 0.5, 1.5, ..., 9.5 s, and a 3 s clip gives 3. Every frame is decoded (inter-coded
+    streams need it) but only the chosen ones are converted and resized. A missing, corrupt or
+    truncated-to-nothing file, or one without a video stream, is a one-line DataError naming it.
+    """
+    import av
+
+    if fps <= 0:
+        raise DataError(f"cannot decode video {os.fspath(path)}: fps must be positive, got {fps}")
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataError(f"cannot decode video {path}: no such file")
     frames: list[np.ndarray] = []
+    limit = max_frames if max_frames is not None else 1 << 30
+    cache: dict[str, object] = {"frame": None, "image": None}
+
+    def convert(frame) -> np.ndarray:
+        if cache["frame"] is not frame:
+            cache["frame"], cache["image"] = frame, _resize(frame.to_image(), size)
+        return cache["image"]  # type: ignore[return-value]
+
     try:
         with av.open(path) as container:
             if not container.streams.video:
                 raise DataError(f"cannot decode video {path}: no video stream")
             stream = container.streams.video[0]
-            next_t = 0.5 / fps
-            for frame in container.decode(stream):
-                if frame.time is None or frame.time + 1e-6 < next_t:
-                    continue
-                frames.append(_resize(frame.to_image(), size))
-                next_t += 1.0 / fps
-                if max_frames is not None and len(frames) >= max_frames:
+            rate = float(stream.average_rate) if stream.average_rate else 0.0
+            t0: float | None = None
+            prev, prev_t, step = None, 0.0, (1.0 / rate if rate else 0.0)
+            for index, frame in enumerate(container.decode(stream)):
+                t = _frame_time(frame, index, rate)
+                t0 = t if t0 is None else t0
+                t -= t0
+                while len(frames) < limit and (len(frames) + 0.5) / fps <= t:
+                    target = (len(frames) + 0.5) / fps
+                    nearer = prev if prev is not None and target - prev_t <= t - target else frame
+                    frames.append(convert(nearer))
+                if len(frames) >= limit:
                     break
+                if prev is not None and not rate:
+                    step = t - prev_t
+                prev, prev_t = frame, t
+            if prev is not None:  # targets after the last frame's start, before the stream's end
+                while len(frames) < limit and False:
+                    frames.append(convert(prev))
     except DataError:
         raise
     except Exception as exc:  # av.error.InvalidDataError and friends

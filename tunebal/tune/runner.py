@@ -86,12 +86,21 @@ def check_before_ray(opts: SearchOptions) -> None:
     checked in seconds, before anything is generated or Ray starts."""
     import datetime as dt
 
+    from tunebal.data import get_dataset_spec
+    from tunebal.methods import get_method_class
+
     opts.validate()
+    get_method_class(opts.method)  # unknown names fail before anything is created
+    get_dataset_spec(opts.dataset)
     preflight.check_storage(opts.storage)
     if opts.name is None:
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         opts.name = f"{opts.method}-{opts.dataset}-{stamp}"
     preflight.check_experiment_dir(opts.experiment_dir, opts.resume)
+    if not opts.resume:
+        from tunebal.tune import state_guard
+
+        state_guard.load_key(create=True)  # the key the resume manifest is written with
     address = opts.address or os.environ.get("RAY_ADDRESS") or None
     if address:
         preflight.probe_address(address)

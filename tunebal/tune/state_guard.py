@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
 from pathlib import Path
@@ -46,11 +47,15 @@ def load_key(create: bool) -> bytes:
     """The per-user HMAC key; created (0600) when ``create`` and absent."""
     path = key_path()
     if not path.exists() and create:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
             pass
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot create the tunebal state key {path} ({exc.strerror or exc}); set {KEY_ENV} to a writable file"
+            ) from None
         else:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(secrets.token_bytes(32))
@@ -154,6 +159,13 @@ def _make_callback_class():
         def get_state(self) -> None:  # called by Tune after writing its state, before syncing
             if self._staging is None:
                 return None
+            try:
+                self._write()
+            except (OSError, ConfigError) as exc:  # the search goes on; only --resume will refuse
+                logging.getLogger(__name__).warning("tunebal: could not write %s (%s)", MANIFEST, exc)
+            return None
+
+        def _write(self) -> None:
             key = load_key(create=True)
             root, staging = Path(self.experiment_dir), Path(self._staging)
             try:
@@ -167,7 +179,6 @@ def _make_callback_class():
             for rel in guarded(staging) if staging.is_dir() else []:
                 files[rel] = _mac(key, (staging / rel).read_bytes())
             write_manifest(staging, files, key)
-            return None
 
         def __getstate__(self) -> dict[str, Any]:
             return {"experiment_dir": self.experiment_dir, "_staging": None}
