@@ -47,15 +47,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-concurrent", type=int, default=None)
     s.add_argument("--max-failures", type=int, default=2, help="restarts of a crashed trial from its checkpoint")
     s.add_argument("--storage", default="~/tunebal_results", help="persistent experiment root")
-    s.add_argument("--name", default=None, help="experiment name (default METHOD-DATASET-TIMESTAMP)")
-    s.add_argument("--resume", action="store_true", help="resume the experiment --name (Tuner.restore)")
+    s.add_argument("--name", default=None,
+                   help="experiment name, one directory under --storage (default METHOD-DATASET-TIMESTAMP); "
+                        "an existing experiment is only continued with --resume")
+    s.add_argument("--resume", action="store_true",
+                   help="resume the experiment --name (Tuner.restore, after verifying its tunebal_state.json)")
     s.add_argument("--address", default=None, help="address of an existing Ray cluster")
     s.add_argument("--space", default=None, help="a YAML search space instead of search_spaces/METHOD.yaml")
     s.add_argument("--seed", type=int, default=0, help="seed of the searcher")
 
     t = sub.add_parser("train", help="train one configuration without Ray")
     _add_common_run_args(t)
-    t.add_argument("--out", default=None, help="output directory (default ~/tunebal_runs/METHOD-DATASET)")
+    t.add_argument("--out", default=None,
+                   help="output directory, refused if it holds a run (default ~/tunebal_runs/METHOD-DATASET, "
+                        "or METHOD-DATASET-2, -3 ... when that holds one)")
     t.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     t.add_argument("--no-progress", action="store_true")
 
@@ -76,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--shard-size", type=int, default=256, help="clips per shard file")
     pr.add_argument("--skip-bad", action="store_true", help="skip absent or undecodable clips and list them in skipped.txt")
     pr.add_argument("--verify", action="store_true", help="also check every shard's sha256 when already prepared")
+    pr.add_argument("--shard", default=None, metavar="I/N",
+                    help="prepare only part I of N (machines sharing --out); finish with a run without --shard")
     pr.add_argument("--no-progress", action="store_true")
 
     sub.add_parser("methods", help="list methods and their knobs")
@@ -119,7 +126,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     spec = get_dataset_spec(args.dataset)
     if spec.preparer is None:
         raise ConfigError(f"dataset '{args.dataset}' has nothing to prepare (it is generated in memory)")
-    values = _assignments(args.data_values)
+    values = _assignments(args.data_values, "--data")
     unknown = sorted(set(values) - set(spec.preparer.knobs.names()))
     if unknown:
         raise ConfigError(
@@ -137,16 +144,24 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         from tunebal.data.prepared import default_prepared_dir
 
         out = str(default_prepared_dir(spec.preparer, root, values))
+    part = None
+    if args.shard is not None:
+        try:
+            i, n = (int(v) for v in args.shard.split("/"))
+        except ValueError:
+            raise ConfigError(f"--shard expects I/N (e.g. 0/4), got {args.shard!r}") from None
+        part = (i, n)
     report = run_prepare(
         spec.preparer, root, out, values, workers=args.workers, skip_bad=args.skip_bad,
-        shard_size=args.shard_size, verify=args.verify, progress=not args.no_progress,
+        shard_size=args.shard_size, verify=args.verify, progress=not args.no_progress, part=part,
     )
     print(f"tunebal: {report.line()}")
     if report.missing:
         print(f"tunebal: {len(report.missing)} missing clips listed in {Path(out) / 'missing.txt'}")
     if report.skipped:
         print(f"tunebal: {len(report.skipped)} skipped clips listed in {Path(out) / 'skipped.txt'}")
-    print(f"tunebal: use it with --dataset {args.dataset} --data root={out}")
+    if report.part is None:
+        print(f"tunebal: use it with --dataset {args.dataset} --data root={out}")
     return 0
 
 

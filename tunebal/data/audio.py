@@ -119,6 +119,8 @@ AUDIO_PROFILES: dict[str, AudioProfile] = {
                      description="AIM and OPM/OGM (TPAMI 2024) papers: 16 kHz, STFT window 512, hop 159, 3 s -> 257 x 299"),
         AudioProfile("stft16k-10s", 16000, 10.0, 512, 159, center=False,
                      description="the same for 10 s clips (Kinetics-Sounds) -> 257 x 1004"),
+        AudioProfile("stft16k-5s-256", 16000, 5.0, 256, 128, center=True,
+                     description="VGGSound pipelines (OPM/OGM, TPAMI 2024): 16 kHz, STFT 256, hop 128, 5 s -> 129 x 626"),
         AudioProfile("ogm22k", 22050, 3.0, 512, 353, center=True,
                      description="OGM-GE release loader: 22.05 kHz, 3 s, n_fft 512, hop 353, centred -> 257 x 188"),
         AudioProfile("fbank", 16000, 10.24, 400, 160, center=False, kind="fbank", n_mels=128, win_length=400, frames=1024,

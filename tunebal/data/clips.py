@@ -20,13 +20,15 @@ from tunebal.errors import DataError
 from tunebal.knobs import Knob, KnobSet, knobs
 
 
-def preparation_knobs(profile: str, max_frames: int) -> KnobSet:
+def preparation_knobs(profile: str, max_frames: int, spec_norm: str = "none") -> KnobSet:
     """Knobs that change the prepared bytes; ``profile`` names one of ``AUDIO_PROFILES``."""
     from tunebal.data.audio import AUDIO_PROFILES
 
     return knobs(
         Knob("profile", "str", profile, f"audio preprocessing profile: {', '.join(AUDIO_PROFILES)}", choices=tuple(AUDIO_PROFILES)),
         Knob("spec_dtype", "str", "float16", "stored spectrogram dtype", choices=("float16", "float32")),
+        Knob("spec_norm", "str", spec_norm, "per_sample: z-score each spectrogram (the AVE pipelines); none: raw log-magnitudes",
+             choices=("none", "per_sample")),
         Knob("frame_size", "int", 256, "stored frame size S (frames are stored S x S uint8, then cropped to image_size)", low=8, high=1024),
         Knob("fps", "float", 1.0, "frames per second decoded from video files", low=0.05, high=60.0),
         Knob("max_frames", "int", max_frames, "frames stored per clip at most (segment centres when there are more)", low=1, high=256),
@@ -48,7 +50,10 @@ def spectrogram(path: Path, values: Mapping[str, Any]) -> np.ndarray:
     """The stored spectrogram of a wav file or a video file's audio track."""
     from tunebal.data.audio import AUDIO_PROFILES, load_clip_audio
 
-    return load_clip_audio(path, AUDIO_PROFILES[values["profile"]]).astype(values["spec_dtype"])
+    spec = load_clip_audio(path, AUDIO_PROFILES[values["profile"]])
+    if values["spec_norm"] == "per_sample":
+        spec = (spec - spec.mean()) / (spec.std() + 1e-9)
+    return spec.astype(values["spec_dtype"])
 
 
 def _thin(frames: list[Any] | np.ndarray, max_frames: int) -> list[int]:

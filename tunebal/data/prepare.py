@@ -92,9 +92,15 @@ class PrepareReport:
     decoded: int
     seconds: float
     already: bool
+    part: tuple[int, int] | None = None
 
     def line(self) -> str:
         counts = ", ".join(f"{s} {n}" for s, n in self.counts.items())
+        if self.part is not None:
+            return (
+                f"prepared part {self.part[0]}/{self.part[1]} of {self.out} ({counts}; {self.decoded} clips decoded in "
+                f"{self.seconds:.1f} s); when every part is done, run once more without --shard to verify and finish"
+            )
         if self.already:
             return f"already prepared and verified: {self.out} ({counts})"
         rate = self.decoded / self.seconds if self.seconds > 0 else 0.0
@@ -133,8 +139,8 @@ def read_manifest(directory: Path) -> dict[str, Any]:
 class _Lock:
     """An exclusive lock on a preparation directory, so two processes never write the same shards."""
 
-    def __init__(self, out: Path) -> None:
-        self.path = out / ".prepare.lock"
+    def __init__(self, out: Path, part: tuple[int, int] | None = None) -> None:
+        self.path = out / (".prepare.lock" if part is None else f".prepare.{part[0]}-of-{part[1]}.lock")
 
     def __enter__(self) -> "_Lock":
         self.fh = open(self.path, "a")
@@ -216,8 +222,14 @@ def run_prepare(
     shard_size: int = 256,
     verify: bool = False,
     progress: bool = True,
+    part: tuple[int, int] | None = None,
 ) -> PrepareReport:
-    """Prepare ``root`` into ``out`` (resuming, or verifying a finished preparation)."""
+    """Prepare ``root`` into ``out`` (resuming, or verifying a finished preparation).
+
+    ``part=(i, n)`` prepares only the shards whose global index is ``i`` mod ``n``, so ``n``
+    machines can share one preparation directory; a final run without ``part`` finds their
+    verified shards, decodes whatever is left and writes the manifest.
+    """
     start = time.perf_counter()
     root, out = Path(root).expanduser(), Path(out).expanduser()
     if not root.is_dir():
@@ -228,6 +240,8 @@ def run_prepare(
         raise ConfigError(f"--workers must be >= 1, got {workers}")
     if shard_size < 1:
         raise ConfigError(f"--shard-size must be >= 1, got {shard_size}")
+    if part is not None and not (part[1] >= 1 and 0 <= part[0] < part[1]):
+        raise ConfigError(f"--shard must be i/n with 0 <= i < n, got {part[0]}/{part[1]}")
     values = preparer.knobs.resolve(dict(values), where=f"{preparer.name}: ")
     scan = preparer.scan(root, values)
     if scan.missing and not (preparer.missing_ok or skip_bad):
@@ -250,7 +264,7 @@ def run_prepare(
     }
     phash = params_hash(params)
     out.mkdir(parents=True, exist_ok=True)
-    with _Lock(out):
+    with _Lock(out, part):
         if (out / MANIFEST).exists():
             manifest = read_manifest(out)
             if manifest["params_hash"] != phash:
@@ -263,7 +277,9 @@ def run_prepare(
             return PrepareReport(out, counts, manifest.get("missing", []), manifest.get("skipped", []), 0,
                                  time.perf_counter() - start, already=True)
         plan = _plan(scan.clips, shard_size)
-        total = sum(len(c) for chunks in plan.values() for c in chunks)
+        order = [(split, k) for split, chunks in plan.items() for k in range(len(chunks))]
+        mine = {key for g, key in enumerate(order) if part is None or g % part[1] == part[0]}
+        total = sum(len(plan[split][k]) for split, k in mine)
         splits: dict[str, dict[str, Any]] = {}
         skipped: list[str] = []
         decoded = 0
@@ -273,6 +289,8 @@ def run_prepare(
             for split, chunks in plan.items():
                 entries = []
                 for k, chunk in enumerate(chunks):
+                    if (split, k) not in mine:
+                        continue
                     name = f"{split}-{k:05d}"
                     planned = [c.id for c in chunk]
                     done = _shard_done(out, name, planned, phash)
@@ -295,12 +313,16 @@ def run_prepare(
                     skipped.extend(done["skipped"])
                     bar.update(len(chunk))
                 splits[split] = {"count": sum(e["rows"] for e in entries), "shards": entries}
-                if not splits[split]["count"]:
+                if part is None and not splits[split]["count"]:
                     raise DataError(f"{preparer.name}: every clip of split '{split}' was skipped (e.g. {skipped[-1] if skipped else 'no clip'})")
         finally:
             bar.close()
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
+        if part is not None:
+            counts = {s: info["count"] for s, info in splits.items()}
+            return PrepareReport(out, counts, sorted(scan.missing), skipped, decoded, time.perf_counter() - start,
+                                 already=False, part=part)
         manifest = {
             "format": PREPARED_FORMAT,
             "params": params,

@@ -154,7 +154,7 @@ def decode_video_frames(path: str | os.PathLike, fps: float, size: int, max_fram
                     step = t - prev_t
                 prev, prev_t = frame, t
             if prev is not None:  # targets after the last frame's start, before the stream's end
-                while len(frames) < limit and False:
+                while len(frames) < limit and (len(frames) + 0.5) / fps < prev_t + step:
                     frames.append(convert(prev))
     except DataError:
         raise
