@@ -84,3 +84,80 @@ def test_bad_shard_spec_is_one_line(tmp_path, capsys, bad):
     code = main(["prepare", "vggsound", "--root", str(tmp_path / "raw"), "--out", str(tmp_path / "o"), "--shard", bad, *SMALL])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--shard" in err[0]
+
+
+def ucf_tree(root, flow_for_all: bool = True):
+    from PIL import Image
+
+    from media import write_jpg
+
+    classes = ["ApplyEyeMakeup", "Basketball", "Biking"]
+    lists = root / "ucfTrainTestlist"
+    lists.mkdir(parents=True)
+    (lists / "classInd.txt").write_text("".join(f"{i + 1} {c}\n" for i, c in enumerate(classes)))
+    names = []
+    for c, cls in enumerate(classes):
+        for g in range(1, 5):
+            name = f"v_{cls}_g{g:02d}_c01"
+            names.append((cls, name, g))
+            for f in range(1, 4):
+                write_jpg(root / "rgb" / name / f"img_{f:05d}.jpg", size_hw=(24, 32), seed=100 * len(names) + f)
+            if flow_for_all or len(names) > 1:
+                for axis, level in (("u", 100 + 10 * c), ("v", 150)):
+                    folder = root / "flow" / axis / name
+                    folder.mkdir(parents=True)
+                    for f in range(1, 3):
+                        Image.fromarray(np.full((24, 32), level, dtype=np.uint8)).save(folder / f"frame{f:06d}.jpg", quality=100)
+    for k, test_groups in (("1", {1}), ("2", {2})):
+        train = [f"{cls}/{name}.avi {classes.index(cls) + 1}" for cls, name, g in names if g not in test_groups]
+        test = [f"{cls}/{name}.avi" for cls, name, g in names if g in test_groups]
+        (lists / f"trainlist0{k}.txt").write_text("\n".join(train) + "\n")
+        (lists / f"testlist0{k}.txt").write_text("\n".join(test) + "\n")
+    return classes
+
+
+def test_ucf101_rgb_and_flow_one_pool_official_splits_chosen_at_load(tmp_path):
+    classes = ucf_tree(tmp_path / "raw")
+    out = tmp_path / "out"
+    assert main(["prepare", "ucf101", "--root", str(tmp_path / "raw"), "--out", str(out), *SMALL]) == 0
+    manifest = read_manifest(out)
+    assert manifest["splits"]["all"]["count"] == 12 and sorted(manifest["memberships"]) == ["1", "2"]
+    one = build_dataset("ucf101", {"root": str(out), **LOAD, "val_fraction": 0.34})
+    two = build_dataset("ucf101", {"root": str(out), **LOAD, "val_fraction": 0.34, "official_split": 2})
+    assert one.class_names == classes and one.modalities == ("rgb", "flow")
+    assert one.input_shape("flow") == (3, 2, 16, 16) and one.input_shape("rgb") == (3, 3, 16, 16)
+    assert all("_g01_" in i for i in one.test.ids) and all("_g02_" in i for i in two.test.ids)
+    assert len(one.train) + len(one.val) == 9
+    row = one.test.shards.row(int(one.test.rows[0]))["flow"]
+    assert row.shape == (2, 24, 24, 2)
+    cls = classes.index(one.test.ids[0].split("_")[1])
+    assert abs(int(row[..., 0].mean()) - (100 + 10 * cls)) <= 2 and abs(int(row[..., 1].mean()) - 150) <= 2
+    with pytest.raises(Exception, match="official split 3"):
+        build_dataset("ucf101", {"root": str(out), **LOAD, "official_split": 3})
+
+
+def test_flow_flip_mirrors_horizontal_motion():
+    import torch
+
+    from tunebal.data.transforms import _FlowFlip
+
+    x = torch.zeros(1, 2, 2, 3, dtype=torch.uint8)
+    x[:, 0] = torch.tensor([[10, 20, 30], [10, 20, 30]], dtype=torch.uint8)
+    x[:, 1] = 77
+    flips = []
+    for seed in range(20):
+        torch.manual_seed(seed)
+        y = _FlowFlip()(x.clone())
+        flips.append(not torch.equal(y, x))
+        if flips[-1]:
+            assert y[0, 0, 0].tolist() == [225, 235, 245] and int(y[0, 1].unique()) == 77
+    assert any(flips) and not all(flips)
+
+
+def test_ucf101_missing_flow_is_one_line_or_skipped(tmp_path, capsys):
+    ucf_tree(tmp_path / "raw", flow_for_all=False)
+    code = main(["prepare", "ucf101", "--root", str(tmp_path / "raw"), "--out", str(tmp_path / "o"), *SMALL])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "1 clips named by the split files are absent" in err[0]
+    assert main(["prepare", "ucf101", "--root", str(tmp_path / "raw"), "--out", str(tmp_path / "o"), "--skip-bad", *SMALL]) == 0
+    assert read_manifest(tmp_path / "o")["missing"] == ["v_ApplyEyeMakeup_g01_c01"]

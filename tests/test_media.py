@@ -35,6 +35,17 @@ def test_stft_profile_matches_an_independent_librosa_computation(tmp_path):
     np.testing.assert_allclose(load_clip_audio(path, AUDIO_PROFILES["stft16k"])[0], want, rtol=1e-5, atol=1e-5)
 
 
+def test_start_offset_skips_into_the_clip_and_short_remainders_are_tiled(tmp_path):
+    import librosa
+
+    path = write_wav(tmp_path / "a.wav", seconds=2.0, sr=22050, seed=4, freq=500.0)
+    wave, _ = librosa.load(path, sr=22050)
+    rest = wave[int(0.5 * 22050):]  # 1.5 s left: tiled to 3 s (66150 samples)
+    tiled = np.tile(rest, 2)[:66150]
+    want = np.log(np.abs(librosa.stft(tiled, n_fft=512, hop_length=353)) + 1e-7)
+    np.testing.assert_allclose(load_clip_audio(path, AUDIO_PROFILES["ogm22k"], start=0.5)[0], want, rtol=1e-5, atol=1e-5)
+
+
 def test_short_clips_are_tiled_and_long_ones_cropped():
     wave = np.arange(5, dtype=np.float32)
     assert fit_duration(wave, 12).tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1]
@@ -172,6 +183,7 @@ def test_normalize_on_device_is_imagenet_normalisation():
     torch.testing.assert_close(out[0, 0, :, 0, 0], want)
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
 def test_local_imagenet_weights_land_and_a_planted_pickle_never_runs(tmp_path):
     from torchvision.models import resnet18
 
@@ -234,3 +246,9 @@ def test_load_imagenet_resnet18_direct_averaging_and_one_line_errors(tmp_path):
         with pytest.raises(ConfigError, match=match) as info:
             load_imagenet_resnet18(resnet18(weights=None), str(tmp_path / name), in_channels=3)
         assert str(tmp_path / name) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_audio_features_clip_the_waveform_to_unit_range():
+    loud = (2.0 * np.sin(np.arange(66150) / 5.0)).astype(np.float32)
+    np.testing.assert_array_equal(audio_features(loud, AUDIO_PROFILES["ogm22k"]),
+                                  audio_features(np.clip(loud, -1.0, 1.0), AUDIO_PROFILES["ogm22k"]))

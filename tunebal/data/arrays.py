@@ -2,7 +2,7 @@
 
 Computed inputs (the synth cache, spectrograms, frames) are stored once as Arrow IPC files:
 one row per array (name, dtype, shape, raw bytes) and JSON metadata under the schema key
-``tunebal``. Every file is sealed (tunebal/sealed.py): one sha256 over all of its bytes (the
+``tunebal``. Every file is sealed (tunebal/sealed.py): one sha256 digest over all of its bytes (the
 array data, the row index and the metadata), checked before anything is used, so a flipped
 bit or an edited file is one ``DataError`` naming the file, never silently wrong data.
 Reading uses only pyarrow, ``json`` and ``numpy.frombuffer``: opening a file cannot run code.
@@ -53,7 +53,8 @@ def write_array_file(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        sink = sealed.SealingFile(tmp, placeholder)  # hashes the bytes as they are written
+        with sink, pa.ipc.new_file(sink, schema) as writer:
             for name, arr in arrays.items():
                 arr = np.ascontiguousarray(arr)
                 if arr.dtype.kind not in _NUMERIC_KINDS or arr.dtype.fields is not None:
@@ -67,7 +68,7 @@ def write_array_file(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], 
                     data,
                 ]
                 writer.write_batch(pa.record_batch(columns, schema=schema))
-        sealed.seal(tmp, placeholder)
+        sealed.seal_written(tmp, sink, placeholder)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -124,7 +124,8 @@ AUDIO_PROFILES: dict[str, AudioProfile] = {
         AudioProfile("ogm22k", 22050, 3.0, 512, 353, center=True,
                      description="OGM-GE release loader: 22.05 kHz, 3 s, n_fft 512, hop 353, centred -> 257 x 188"),
         AudioProfile("fbank", 16000, 10.24, 400, 160, center=False, kind="fbank", n_mels=128, win_length=400, frames=1024,
-                     description="log-mel filterbank: 128 mel, 25 ms window, 10 ms hop, 10.24 s -> 128 x 1024"),
+                     description="log-mel filterbank as in AST (Audio Spectrogram Transformer) pipelines: 128 mel, 25 ms window, "
+                                 "10 ms hop, 10.24 s (1022 frames, padded to 1024 with log(1e-6)); librosa mel, no dataset normalisation"),
     )
 }
 

@@ -62,6 +62,8 @@ class ScanResult:
     class_names: list[str]
     missing: list[str] = field(default_factory=list)  # named by a split file, absent on disk
     notes: list[str] = field(default_factory=list)
+    #: official splits as id lists over one prepared pool "all" (split -> ids, per split name)
+    memberships: dict[str, dict[str, list[str]]] = field(default_factory=dict)
 
 
 class Preparer:
@@ -250,7 +252,7 @@ def run_prepare(
             "pass --skip-bad to prepare the rest"
         )
     counts_planned = {s: sum(1 for c in scan.clips if c.split == s) for s in sorted({c.split for c in scan.clips})}
-    for split in ("train", "test"):
+    for split in ("all",) if scan.memberships else ("train", "test"):
         if not counts_planned.get(split):
             raise DataError(f"{preparer.name}: split '{split}' is empty under {root}")
     modalities = preparer.modalities(values)
@@ -261,6 +263,7 @@ def run_prepare(
         "class_names": list(scan.class_names),
         "shard_format": SHARD_FORMAT,
         "shard_size": shard_size,
+        "memberships": scan.memberships,
     }
     phash = params_hash(params)
     out.mkdir(parents=True, exist_ok=True)
@@ -333,6 +336,8 @@ def run_prepare(
             "skipped": skipped,
             "notes": scan.notes,
         }
+        if scan.memberships:
+            manifest["memberships"] = scan.memberships
         _atomic_write_text(out / "missing.txt", "".join(f"{c}\n" for c in sorted(scan.missing)))
         _atomic_write_text(out / "skipped.txt", "".join(f"{c}\n" for c in skipped))
         _atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))

@@ -90,14 +90,14 @@ class ClipDecoder:
         self.frames = frames
         self.image_size = image_size
         self.seed = seed
-        self._transforms: dict[bool, Any] = {}
+        self._transforms: dict[tuple[bool, bool], Any] = {}
 
-    def _transform(self, train: bool):
-        if train not in self._transforms:
-            from tunebal.data.transforms import frame_transform
+    def _transform(self, train: bool, flow: bool = False):
+        if (train, flow) not in self._transforms:
+            from tunebal.data.transforms import flow_transform, frame_transform
 
-            self._transforms[train] = frame_transform(train, self.image_size)
-        return self._transforms[train]
+            self._transforms[train, flow] = (flow_transform if flow else frame_transform)(train, self.image_size)
+        return self._transforms[train, flow]
 
     def __call__(self, row: Mapping[str, np.ndarray], index: int, epoch: int, train: bool) -> dict[str, torch.Tensor]:
         from tunebal.data.video import segment_indices
@@ -110,17 +110,18 @@ class ClipDecoder:
                 continue
             rng = np.random.default_rng([self.seed, epoch, index]) if train else None
             chosen = segment_indices(int(x.shape[0]), self.frames, train, rng)
-            clip = torch.from_numpy(np.ascontiguousarray(x[chosen])).permute(0, 3, 1, 2)  # (T, 3, S, S) uint8
+            clip = torch.from_numpy(np.ascontiguousarray(x[chosen])).permute(0, 3, 1, 2)  # (T, C, S, S) uint8
+            flow = spec.shape[-1] == 2  # stacked (u, v) optical flow
             if train:  # seed torch's CPU generator per sample, and restore it afterwards
                 generator = torch.default_generator
                 saved = generator.get_state()
                 generator.manual_seed(_sample_seed(self.seed, epoch, index))
                 try:
-                    clip = self._transform(True)(clip)
+                    clip = self._transform(True, flow)(clip)
                 finally:
                     generator.set_state(saved)
             else:
-                clip = self._transform(False)(clip)
+                clip = self._transform(False, flow)(clip)
             out[m] = clip.contiguous()
         return out
 
@@ -198,24 +199,31 @@ def load_prepared(preparer: Preparer, values: Mapping[str, Any]) -> MultimodalDa
     modalities = {m: ModalitySpec.from_json(d) for m, d in params["modalities"].items()}
     sets = {s: ShardSet(directory, info["shards"], modalities, manifest["params_hash"]) for s, info in manifest["splits"].items()}
     decoder = ClipDecoder(modalities, values["frames"], values["image_size"], values["seed"])
+    if "memberships" in manifest:  # one prepared pool, official splits as id lists (UCF-101)
+        sets = _official_split(manifest, sets, values)
+    def source(pool, rows) -> ShardSource:
+        rows = np.asarray(rows, dtype=np.int64)
+        return ShardSource(pool.base, pool.rows[rows], decoder) if isinstance(pool, _RowView) else ShardSource(pool, rows, decoder)
+
     train_set = sets["train"]
     if "val" in sets:
-        train = ShardSource(train_set, np.arange(len(train_set)), decoder)
-        val = ShardSource(sets["val"], np.arange(len(sets["val"])), decoder)
+        train = source(train_set, np.arange(len(train_set)))
+        val = source(sets["val"], np.arange(len(sets["val"])))
     else:
         train_rows, val_rows = carve_validation(
             train_set.labels, train_set.groups, values["val_fraction"], values["val_seed"], values["val_by_group"]
         )
-        train = ShardSource(train_set, train_rows, decoder)
-        val = ShardSource(train_set, val_rows, decoder)
-    test = ShardSource(sets["test"], np.arange(len(sets["test"])), decoder)
+        train = source(train_set, train_rows)
+        val = source(train_set, val_rows)
+    test = source(sets["test"], np.arange(len(sets["test"])))
     shapes, transforms = {}, {}
+    from tunebal.data.transforms import normalize_flow_on_device, normalize_on_device
+
     for m, spec in modalities.items():
         if spec.kind == "frames":
-            shapes[m] = (values["frames"], 3, values["image_size"], values["image_size"])
-            from tunebal.data.transforms import normalize_on_device
-
-            transforms[m] = normalize_on_device
+            channels = spec.shape[-1]
+            shapes[m] = (values["frames"], channels, values["image_size"], values["image_size"])
+            transforms[m] = normalize_flow_on_device if channels == 2 else normalize_on_device
         else:
             shapes[m] = spec.shape
             transforms[m] = _float
@@ -234,9 +242,35 @@ def load_prepared(preparer: Preparer, values: Mapping[str, Any]) -> MultimodalDa
     )
 
 
-def real_dataset_spec(preparer: Preparer, description: str, frames: int, group_help: str) -> DatasetSpec:
-    """The registered spec of a raw-file dataset: shared load knobs + the preparer's knobs."""
-    all_knobs = load_knobs(frames, group_help) + as_prepared_knobs(preparer)
+class _RowView:
+    """A ShardSet restricted to some of its rows (an official split of a prepared pool)."""
+
+    def __init__(self, shards: ShardSet, rows: np.ndarray) -> None:
+        self.base, self.rows = shards, rows
+        self.labels = shards.labels[rows]
+        self.ids = [shards.ids[int(r)] for r in rows]
+        self.groups = [shards.groups[int(r)] for r in rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def _official_split(manifest: Mapping[str, Any], sets: dict[str, ShardSet], values: Mapping[str, Any]) -> dict[str, Any]:
+    key = str(values.get("official_split", 1))
+    members = manifest["memberships"].get(key)
+    if members is None:
+        raise ConfigError(f"official split {key} is not in this preparation; have {', '.join(sorted(manifest['memberships']))}")
+    pool = sets["all"]
+    where = {clip: i for i, clip in enumerate(pool.ids)}
+    return {split: _RowView(pool, np.array(sorted(where[c] for c in ids if c in where), dtype=np.int64))
+            for split, ids in members.items()}
+
+
+def real_dataset_spec(
+    preparer: Preparer, description: str, frames: int, group_help: str, extra: KnobSet | None = None
+) -> DatasetSpec:
+    """The registered spec of a raw-file dataset: shared load knobs (+ ``extra``) + the preparer's knobs."""
+    all_knobs = load_knobs(frames, group_help) + (extra or KnobSet()) + as_prepared_knobs(preparer)
 
     def build(**values: Any) -> MultimodalData:
         return load_prepared(preparer, all_knobs.resolve(values, where=f"dataset {preparer.name}: "))

@@ -33,3 +33,28 @@ def normalize_on_device(x: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
     return (x.float().div_(255.0) - mean).div_(std)
+
+
+class _FlowFlip:
+    """Horizontal flip of a stacked (u, v) optical-flow clip: mirroring the image also mirrors
+    the horizontal motion, so u (stored as uint8, zero motion at 127.5) becomes 255 - u."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.rand(1).item() < 0.5:
+            x = x.flip(-1)
+            x[:, 0] = 255 - x[:, 0]
+        return x
+
+
+def flow_transform(train: bool, size: int = 224) -> Callable[[torch.Tensor], torch.Tensor]:
+    """uint8 ``(T, 2, H, W)`` (u, v) -> uint8 ``(T, 2, size, size)``: the frame pipeline with a flow-aware flip."""
+    from torchvision.transforms import v2
+
+    if train:
+        return v2.Compose([v2.RandomResizedCrop(size, antialias=True), _FlowFlip()])
+    return v2.Resize((size, size), antialias=True)
+
+
+def normalize_flow_on_device(x: torch.Tensor) -> torch.Tensor:
+    """uint8 flow ``(..., 2, H, W)`` -> float32 in [-1, 1] (127.5 = no motion)."""
+    return x.float().div_(127.5).sub_(1.0)
