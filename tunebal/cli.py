@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--verify", action="store_true", help="also check every shard's sha256 when already prepared")
     pr.add_argument("--shard", default=None, metavar="I/N",
                     help="prepare only part I of N (machines sharing --out); finish with a run without --shard")
+    pr.add_argument("--trust-pickle", action="store_true",
+                    help="allow loading a dataset distributed as a Python pickle (CMU-MOSI); it can run code")
     pr.add_argument("--no-progress", action="store_true")
 
     sub.add_parser("methods", help="list methods and their knobs")
@@ -154,6 +156,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     report = run_prepare(
         spec.preparer, root, out, values, workers=args.workers, skip_bad=args.skip_bad,
         shard_size=args.shard_size, verify=args.verify, progress=not args.no_progress, part=part,
+        trust_pickle=args.trust_pickle,
     )
     print(f"tunebal: {report.line()}")
     if report.missing:

@@ -39,9 +39,9 @@ def build_dataset(name: str, values: Mapping[str, Any] | None = None) -> Multimo
 
 
 def _register_builtin() -> None:
-    from tunebal.data import ave, cremad, kinetics_sounds, manifest_csv, synth, ucf101, vggsound
+    from tunebal.data import ave, cremad, kinetics_sounds, manifest_csv, mosi, synth, ucf101, vggsound
 
-    for module in (synth, cremad, kinetics_sounds, ave, ucf101, vggsound, manifest_csv):
+    for module in (synth, cremad, kinetics_sounds, ave, ucf101, vggsound, mosi, manifest_csv):
         register_dataset(module.SPEC)
 
 

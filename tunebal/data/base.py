@@ -18,7 +18,9 @@ Input kinds (``MultimodalData.kinds``):
 
 - ``"spectrogram"``: one log-magnitude STFT per sample, input shape ``(1, F, T)``;
 - ``"frames"``: a clip of ``T`` images, input shape ``(T, C, H, W)``;
-- ``"vector"``: a feature vector, input shape ``(D,)``.
+- ``"vector"``: a feature vector, input shape ``(D,)``;
+- ``"sequence"``: a sequence of feature vectors (e.g. CMU-MOSI's text, audio and visual
+  features), input shape ``(L, D)``.
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ import torch
 from tunebal.errors import ConfigError, DataError
 from tunebal.knobs import KnobSet
 
-KINDS = ("spectrogram", "frames", "vector")
-_RANKS = {"spectrogram": 3, "frames": 4, "vector": 1}
+KINDS = ("spectrogram", "frames", "vector", "sequence")
+_RANKS = {"spectrogram": 3, "frames": 4, "vector": 1, "sequence": 2}
 SPLITS = ("train", "val", "test")
 
 Indices = Sequence[int] | torch.Tensor

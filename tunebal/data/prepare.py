@@ -225,6 +225,7 @@ def run_prepare(
     verify: bool = False,
     progress: bool = True,
     part: tuple[int, int] | None = None,
+    trust_pickle: bool = False,
 ) -> PrepareReport:
     """Prepare ``root`` into ``out`` (resuming, or verifying a finished preparation).
 
@@ -245,6 +246,8 @@ def run_prepare(
     if part is not None and not (part[1] >= 1 and 0 <= part[0] < part[1]):
         raise ConfigError(f"--shard must be i/n with 0 <= i < n, got {part[0]}/{part[1]}")
     values = preparer.knobs.resolve(dict(values), where=f"{preparer.name}: ")
+    if trust_pickle and hasattr(preparer, "trusted"):  # a dataset distributed as a pickle (CMU-MOSI)
+        preparer = preparer.trusted()
     scan = preparer.scan(root, values)
     if scan.missing and not (preparer.missing_ok or skip_bad):
         raise DataError(
@@ -255,7 +258,9 @@ def run_prepare(
     for split in ("all",) if scan.memberships else ("train", "test"):
         if not counts_planned.get(split):
             raise DataError(f"{preparer.name}: split '{split}' is empty under {root}")
-    modalities = preparer.modalities(values)
+    modalities = (
+        preparer.modalities_from_scan(scan, values) if hasattr(preparer, "modalities_from_scan") else preparer.modalities(values)
+    )
     params = {
         "dataset": preparer.name,
         "knobs": dict(values),

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torchvision.models import resnet18
 
-INPUT_KINDS = ("spectrogram", "frames", "vector")
+INPUT_KINDS = ("spectrogram", "frames", "vector", "sequence")
 
 
 class BlockEncoder(nn.Module):
@@ -110,6 +110,38 @@ def mlp_encoder(in_dim: int, widths: tuple[int, ...] = (64, 64, 128, 128)) -> Bl
 BACKBONES = ("small", "resnet18")
 
 
+class SequenceEmbedding(nn.Module):
+    """(B, L, D) features -> (B, L, d_model): a linear projection plus a learnt position embedding."""
+
+    def __init__(self, in_dim: int, seq_len: int, d_model: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(in_dim, d_model)
+        self.position = nn.Parameter(torch.zeros(1, seq_len, d_model))
+        nn.init.normal_(self.position, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x) + self.position[:, : x.shape[1]]
+
+
+def transformer_encoder(input_shape: tuple[int, ...], d_model: int = 64, layers: int = 3, heads: int = 4) -> BlockEncoder:
+    """A small Transformer for feature sequences (CMU-MOSI's text, audio and visual streams).
+
+    Each of its ``layers`` encoder layers is one block (the blocks AIM modulates); the first
+    block also embeds the raw features, so block 1's input is the raw sequence x^m (AIM's
+    prototypes live at the encoder input). Post-norm layers, GELU, dropout 0.1, mean-pooled
+    over time.
+    """
+    seq_len, in_dim = input_shape
+
+    def layer() -> nn.TransformerEncoderLayer:
+        return nn.TransformerEncoderLayer(d_model, heads, dim_feedforward=2 * d_model, dropout=0.1,
+                                          activation="gelu", batch_first=True)
+
+    blocks: list[nn.Module] = [nn.Sequential(SequenceEmbedding(in_dim, seq_len, d_model), layer())]
+    blocks += [layer() for _ in range(layers - 1)]
+    return BlockEncoder("sequence", blocks, out_dim=d_model)
+
+
 def build_encoder(
     kind: str, input_shape: tuple[int, ...], backbone: str, width: int = 16, pretrained: str = ""
 ) -> BlockEncoder:
@@ -120,6 +152,8 @@ def build_encoder(
     """
     if kind == "vector":
         return mlp_encoder(input_shape[0], tuple(width * m for m in (4, 4, 8, 8)))
+    if kind == "sequence":
+        return transformer_encoder(input_shape, d_model=4 * width)
     in_channels = input_shape[0] if kind == "spectrogram" else input_shape[1]
     if backbone == "resnet18":
         return resnet18_encoder(kind, in_channels, pretrained)
