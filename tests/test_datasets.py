@@ -285,20 +285,43 @@ def test_training_from_shards_resumes_bit_exactly_whatever_the_worker_count(crem
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("dataset", ["ks", "cremad", "manifest"])
+@pytest.mark.parametrize("dataset", ["ks", "cremad", "manifest", "ave", "ucf101", "vggsound", "mosi"])
 def test_search_end_to_end_on_each_real_dataset(ray_cluster, tmp_path, dataset):
     from tunebal.tune.runner import SearchOptions, run_search
 
     raw = tmp_path / "raw"
+    media = {"frame_size": 24, "profile": "ogm22k"}
     if dataset == "ks":
         ks_tree(raw, per_class_train=4, per_class_test=1, missing=1)
-        data_values = {"root": str(raw), "val_fraction": 0.25}
+        data_values = {"root": str(raw), "val_fraction": 0.25, **media}
     elif dataset == "cremad":
         cremad_tree(raw, per_class_train=4, per_class_test=1)
-        data_values = {"root": str(raw), "val_fraction": 0.25}
-    else:
-        data_values = {"manifest": str(manifest_tree(raw))}
-    data_values.update({"frame_size": 24, "image_size": 16, "profile": "ogm22k", "frames": 1})
+        data_values = {"root": str(raw), "val_fraction": 0.25, **media}
+    elif dataset == "manifest":
+        data_values = {"manifest": str(manifest_tree(raw)), **media}
+    elif dataset == "ave":
+        from test_datasets_av import ave_tree
+
+        ave_tree(raw)
+        data_values = {"root": str(raw), **media}
+    elif dataset == "ucf101":
+        from test_datasets_av import ucf_tree
+
+        ucf_tree(raw)
+        data_values = {"root": str(raw), "frame_size": 24, "val_fraction": 0.34}
+    elif dataset == "vggsound":
+        from test_datasets_av import vgg_tree
+
+        vgg_tree(raw)
+        data_values = {"root": str(raw), "val_fraction": 0.25, **media}
+    else:  # a pickle is prepared explicitly (--trust-pickle), then searched from its shards
+        from test_mosi import mosi_pickle
+
+        raw.mkdir()
+        mosi_pickle(raw / "m.pkl")
+        run_prepare(build_spec("mosi").preparer, raw, tmp_path / "prep", {}, progress=False, trust_pickle=True)
+        data_values = {"root": str(tmp_path / "prep")}
+    data_values.update({"image_size": 16, "frames": 1})
     opts = SearchOptions(
         method="aim", dataset=dataset, num_samples=2, max_epochs=2, storage=str(tmp_path / "results"),
         name=f"{dataset}-e2e", data_values=data_values,
@@ -307,6 +330,7 @@ def test_search_end_to_end_on_each_real_dataset(ray_cluster, tmp_path, dataset):
     summary = run_search(opts)
     assert summary["num_trials"] == 2 and summary["best"] is not None
     test = summary["best"]["test"]
-    assert 0.0 <= test["test/acc"] <= 1.0 and "test/acc_audio" in test and "test/acc_visual" in test
+    modalities = build_dataset(dataset, opts.data_values).modalities
+    assert 0.0 <= test["test/acc"] <= 1.0 and all(f"test/acc_{m}" in test for m in modalities)
     saved = json.loads((Path(summary["experiment"]) / "summary.json").read_text())
     assert saved["dataset"] == dataset and saved["best"]["trial"] == summary["best"]["trial"]
