@@ -21,7 +21,7 @@ from tunebal.cli import main
 from tunebal.data import build_dataset
 from tunebal.data.cremad import CLASSES
 from tunebal.data.prepare import read_manifest, run_prepare
-from tunebal.errors import ConfigError, DataError
+from tunebal.errors import ConfigError
 
 SMALL = {"frame_size": 24}
 LOAD = {"image_size": 16}

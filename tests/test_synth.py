@@ -258,28 +258,3 @@ def test_corrupt_cache_is_regenerated():
     again = build_dataset("synth", SMALL)
     _assert_same(first, again)
     assert path.stat().st_size > 1000  # rewritten
-
-
-def test_array_file_round_trip_and_corruption(tmp_path):
-    from tunebal.data.base import read_array_file, write_array_file
-
-    arrays = {
-        "a/x": np.arange(24, dtype=np.float32).reshape(2, 3, 4),
-        "a/y": np.array([3, -1], dtype=np.int64),
-        "empty": np.zeros((0, 5), dtype=np.float64),
-        "strided": np.arange(10, dtype=np.int16)[::2],
-    }
-    path = tmp_path / "arrays.arrow"
-    write_array_file(path, arrays, {"hello": [1, 2]})
-    out, meta = read_array_file(path)
-    assert meta == {"hello": [1, 2]} and list(out) == list(arrays)
-    for name, arr in arrays.items():
-        assert out[name].dtype == arr.dtype and np.array_equal(out[name], arr)
-        assert out[name].flags.writeable
-    path.write_bytes(path.read_bytes()[:200])  # truncated
-    with pytest.raises(DataError) as exc_info:
-        read_array_file(path)
-    assert "\n" not in str(exc_info.value)
-    with pytest.raises(TypeError):
-        write_array_file(tmp_path / "obj.arrow", {"o": np.array([object()])}, {})
-    assert not list(tmp_path.glob(".*.tmp"))

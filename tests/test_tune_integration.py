@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.conftest import TINY
 from tunebal.checkpoint import CHECKPOINT_FILENAME, experiment_dataset, load_checkpoint

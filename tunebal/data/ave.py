@@ -20,12 +20,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
-
-from tunebal.data.clips import audio_spec, frames_from_video, frames_spec, preparation_knobs, spectrogram
-from tunebal.data.prepare import Clip, Preparer, ScanResult
+from tunebal.data.clips import AudioVisualPreparer, preparation_knobs, read_split_text
+from tunebal.data.prepare import Clip, ScanResult
 from tunebal.data.prepared import real_dataset_spec
-from tunebal.data.shards import ModalitySpec
 from tunebal.errors import DataError
 
 SPLIT_FILES = {"train": "trainSet.txt", "val": "valSet.txt", "test": "testSet.txt"}
@@ -34,26 +31,18 @@ VIDEO_DIRS = ("AVE", "videos")
 
 def read_ave_list(path: Path) -> list[tuple[int, str, str]]:
     """(line, category, video id) of an AVE split file."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise DataError(f"split file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read split file {path}: {' '.join(str(exc).split())}") from None
     out = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        fields = line.strip().split("&")
+    for number, line in read_split_text(path):
+        fields = line.split("&")
         if len(fields) < 2 or not fields[0] or not fields[1]:
-            raise DataError(f"{path} line {number}: expected 'Category&VideoID&Quality&Start&End', got {line.strip()!r}")
+            raise DataError(f"{path} line {number}: expected 'Category&VideoID&Quality&Start&End', got {line!r}")
         if number == 1 and fields[0] == "Category":
             continue
         out.append((number, fields[0], fields[1]))
     return out
 
 
-class Ave(Preparer):
+class Ave(AudioVisualPreparer):
     name = "ave"
     knobs = preparation_knobs("stft16k-10s", max_frames=10, spec_norm="per_sample")
     missing_ok = False
@@ -74,17 +63,12 @@ class Ave(Preparer):
             if not path.is_file():
                 missing.append(video)
                 continue
-            clips.append(Clip(video, split, category, video, {"video": path}))
+            clips.append(Clip(video, split, category, video, {"audio": path, "visual": path}))
         classes = sorted({category for _, _, category, _ in listed})
         notes = [f"{len(duplicates)} duplicate listings dropped: " + "; ".join(duplicates)] if duplicates else []
         return ScanResult(clips, classes, missing, notes)
 
-    def modalities(self, values: Mapping[str, Any]) -> dict[str, ModalitySpec]:
-        return {"audio": audio_spec(values), "visual": frames_spec(values)}
 
-    def decode(self, clip: Clip, values: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        path = clip.sources["video"]
-        return {"audio": spectrogram(path, values), "visual": frames_from_video(path, values)}
 
 
 SPEC = real_dataset_spec(

@@ -25,12 +25,8 @@ Input kinds (``MultimodalData.kinds``):
 
 from __future__ import annotations
 
-import json
-import os
-import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
@@ -221,84 +217,3 @@ class DatasetSpec:
     knobs: KnobSet
     build: Callable[..., MultimodalData]
     preparer: Any = None
-
-
-# --------------------------------------------------------------------------- Arrow array files
-# Computed inputs (spectrograms, frames) are stored once as Arrow IPC files: one row per
-# array (name, dtype, shape, raw bytes) and JSON metadata. No pickle is involved, so reading
-# a file cannot run code.
-
-def _array_schema(meta: Mapping[str, Any]):
-    import pyarrow as pa
-
-    return pa.schema(
-        [("name", pa.string()), ("dtype", pa.string()), ("shape", pa.list_(pa.int64())), ("data", pa.large_binary())],
-        metadata={"tunebal": json.dumps(meta, sort_keys=True)},
-    )
-
-
-def write_array_file(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
-    """Write ``arrays`` (name -> numeric array) and JSON ``meta`` to an Arrow IPC file, atomically.
-
-    The file is written under a unique temporary name in the same directory and renamed
-    over ``path``, so concurrent writers and readers (parallel trials) never see a partial file.
-    Arrays are written zero-copy, one record batch each.
-    """
-    import pyarrow as pa
-
-    path = Path(path)
-    schema = _array_schema(meta)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-            for name, arr in arrays.items():
-                arr = np.ascontiguousarray(arr)
-                if arr.dtype.hasobject:
-                    raise TypeError(f"array {name}: object arrays cannot be stored")
-                offsets = pa.py_buffer(np.array([0, arr.nbytes], dtype=np.int64))
-                data = pa.LargeBinaryArray.from_buffers(pa.large_binary(), 1, [None, offsets, pa.py_buffer(arr)])
-                columns = [
-                    pa.array([name], pa.string()),
-                    pa.array([arr.dtype.str], pa.string()),
-                    pa.array([list(arr.shape)], pa.list_(pa.int64())),
-                    data,
-                ]
-                writer.write_batch(pa.record_batch(columns, schema=schema))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def read_array_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Read a file written by :func:`write_array_file`: (name -> array, metadata).
-
-    The arrays own their memory (copied out of the memory map). A truncated, foreign or
-    tampered file raises a one-line ``DataError``.
-    """
-    import pyarrow as pa
-
-    path = os.fspath(path)
-    try:
-        arrays: dict[str, np.ndarray] = {}
-        with pa.memory_map(path, "r") as source:
-            reader = pa.ipc.open_file(source)
-            if not reader.schema.equals(_array_schema({}), check_metadata=False):
-                raise ValueError("not a tunebal array file (unexpected schema)")
-            meta = json.loads((reader.schema.metadata or {}).get(b"tunebal", b"{}"))
-            for i in range(reader.num_record_batches):
-                batch = reader.get_batch(i)
-                for row in range(batch.num_rows):
-                    name = batch.column(0)[row].as_py()
-                    dtype = np.dtype(batch.column(1)[row].as_py())
-                    if dtype.hasobject:
-                        raise ValueError(f"array {name}: object dtype")
-                    shape = tuple(batch.column(2)[row].as_py())
-                    buf = batch.column(3)[row].as_buffer()
-                    arrays[name] = np.frombuffer(buf, dtype=dtype).reshape(shape).copy()
-    except DataError:
-        raise
-    except Exception as exc:  # ArrowInvalid, OSError, ValueError, JSON errors
-        raise DataError(f"cannot read array file {path}: {' '.join(str(exc).split())}") from None
-    return arrays, meta

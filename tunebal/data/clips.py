@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from tunebal.data.prepare import Clip, Preparer
 from tunebal.data.shards import ModalitySpec
 from tunebal.errors import DataError
 from tunebal.knobs import Knob, KnobSet, knobs
@@ -87,19 +88,33 @@ def frames_from_video(path: Path, values: Mapping[str, Any]) -> np.ndarray:
     return frames[_thin(frames, values["max_frames"])]
 
 
-def read_split_lines(path: Path) -> list[tuple[int, list[str]]]:
-    """(line number, comma-separated fields) of a split file; UTF-8 with an optional BOM."""
+def read_split_text(path: Path) -> list[tuple[int, str]]:
+    """(line number, stripped line) of the non-blank lines of a split file; UTF-8 with an optional BOM."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise DataError(f"split file {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read split file {path}: {' '.join(str(exc).split())}") from None
-    out = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            out.append((number, [field.strip() for field in line.split(",")]))
-    return out
+    return [(number, line.strip()) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+
+
+def read_split_lines(path: Path) -> list[tuple[int, list[str]]]:
+    """(line number, comma-separated fields) of a split file."""
+    return [(number, [field.strip() for field in line.split(",")]) for number, line in read_split_text(path)]
+
+
+class AudioVisualPreparer(Preparer):
+    """A clip with an ``audio`` source (wav, or a video's audio track) and a ``visual`` source
+    (a frame folder, or a video file decoded at ``fps``): CREMA-D, Kinetics-Sounds, AVE, VGGSound."""
+
+    def modalities(self, values: Mapping[str, Any]) -> dict[str, ModalitySpec]:
+        return {"audio": audio_spec(values), "visual": frames_spec(values)}
+
+    def decode(self, clip: Clip, values: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        visual = clip.sources["visual"]
+        frames = frames_from_folder(visual, values) if visual.is_dir() else frames_from_video(visual, values)
+        return {"audio": spectrogram(clip.sources["audio"], values), "visual": frames}
 
 
 def first_existing(root: Path, names: tuple[str, ...]) -> Path | None:

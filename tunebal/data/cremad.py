@@ -24,21 +24,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
-
-from tunebal.data.clips import (
-    audio_spec,
-    first_existing,
-    frames_from_folder,
-    frames_from_video,
-    frames_spec,
-    preparation_knobs,
-    read_split_lines,
-    spectrogram,
-)
-from tunebal.data.prepare import Clip, Preparer, ScanResult
+from tunebal.data.clips import AudioVisualPreparer, first_existing, preparation_knobs, read_split_lines
+from tunebal.data.prepare import Clip, ScanResult
 from tunebal.data.prepared import real_dataset_spec
-from tunebal.data.shards import ModalitySpec
 from tunebal.errors import DataError
 from tunebal.knobs import Knob, knobs
 
@@ -47,7 +35,7 @@ SPLIT_FILES = {"train": "train.csv", "test": "test.csv"}
 FRAME_DIRS = ("Image-01-FPS", "visual", "frames")
 
 
-class CremaD(Preparer):
+class CremaD(AudioVisualPreparer):
     name = "cremad"
     knobs = preparation_knobs("stft16k", max_frames=3) + knobs(
         Knob("frames_dir", "str", "", "folder of pre-extracted frame folders under root ('' = auto; VideoFlash/*.flv otherwise)"),
@@ -78,13 +66,7 @@ class CremaD(Preparer):
                 clips.append(Clip(clip_id, split, label, clip_id.split("_")[0], {"audio": wav, "visual": visual}))
         return ScanResult(clips, list(CLASSES), missing)
 
-    def modalities(self, values: Mapping[str, Any]) -> dict[str, ModalitySpec]:
-        return {"audio": audio_spec(values), "visual": frames_spec(values)}
 
-    def decode(self, clip: Clip, values: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        visual = clip.sources["visual"]
-        frames = frames_from_folder(visual, values) if visual.is_dir() else frames_from_video(visual, values)
-        return {"audio": spectrogram(clip.sources["audio"], values), "visual": frames}
 
 
 SPEC = real_dataset_spec(

@@ -21,26 +21,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
-
-from tunebal.data.clips import (
-    audio_spec,
-    frames_from_folder,
-    frames_from_video,
-    frames_spec,
-    preparation_knobs,
-    read_split_lines,
-    spectrogram,
-)
-from tunebal.data.prepare import Clip, Preparer, ScanResult
+from tunebal.data.clips import AudioVisualPreparer, preparation_knobs, read_split_lines
+from tunebal.data.prepare import Clip, ScanResult
 from tunebal.data.prepared import real_dataset_spec
-from tunebal.data.shards import ModalitySpec
 from tunebal.errors import DataError
 
 SPLIT_FILES = {"train": "my_train.txt", "test": "my_test.txt"}
 
 
-class KineticsSounds(Preparer):
+class KineticsSounds(AudioVisualPreparer):
     name = "ks"
     knobs = preparation_knobs("stft16k-10s", max_frames=10)
     missing_ok = True
@@ -68,13 +57,7 @@ class KineticsSounds(Preparer):
         notes = [f"{len(missing)} of {len(listed)} listed clips are missing"] if missing else []
         return ScanResult(clips, classes, missing, notes)
 
-    def modalities(self, values: Mapping[str, Any]) -> dict[str, ModalitySpec]:
-        return {"audio": audio_spec(values), "visual": frames_spec(values)}
 
-    def decode(self, clip: Clip, values: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        visual = clip.sources["visual"]
-        frames = frames_from_folder(visual, values) if visual.is_dir() else frames_from_video(visual, values)
-        return {"audio": spectrogram(clip.sources["audio"], values), "visual": frames}
 
 
 SPEC = real_dataset_spec(

@@ -28,7 +28,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from tunebal.data.clips import first_existing, frames_from_folder, frames_from_video, frames_spec
+from tunebal.data.clips import first_existing, frames_from_folder, frames_from_video, frames_spec, read_split_text
 from tunebal.data.prepare import Clip, Preparer, ScanResult
 from tunebal.data.prepared import real_dataset_spec
 from tunebal.data.shards import ModalitySpec
@@ -39,13 +39,7 @@ LISTS = "ucfTrainTestlist"
 
 
 def _read(path: Path) -> list[tuple[int, list[str]]]:
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise DataError(f"split file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read split file {path}: {' '.join(str(exc).split())}") from None
-    return [(n, line.split()) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    return [(number, line.split()) for number, line in read_split_text(path)]
 
 
 def video_name(entry: str) -> str:

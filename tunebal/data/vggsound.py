@@ -20,12 +20,9 @@ import csv
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
-
-from tunebal.data.clips import audio_spec, frames_from_video, frames_spec, preparation_knobs, spectrogram
-from tunebal.data.prepare import Clip, Preparer, ScanResult
+from tunebal.data.clips import AudioVisualPreparer, preparation_knobs
+from tunebal.data.prepare import Clip, ScanResult
 from tunebal.data.prepared import real_dataset_spec
-from tunebal.data.shards import ModalitySpec
 from tunebal.errors import DataError
 
 VIDEO_DIRS = ("video", "videos")
@@ -54,7 +51,7 @@ def read_vggsound_csv(path: Path) -> list[tuple[int, str, str, str]]:
     return out
 
 
-class VggSound(Preparer):
+class VggSound(AudioVisualPreparer):
     name = "vggsound"
     knobs = preparation_knobs("stft16k-5s-256", max_frames=10)
     missing_ok = True
@@ -68,16 +65,11 @@ class VggSound(Preparer):
             if not path.is_file():
                 missing.append(clip_id)
                 continue
-            clips.append(Clip(clip_id, split, label, clip_id.rsplit("_", 1)[0], {"video": path}))
+            clips.append(Clip(clip_id, split, label, clip_id.rsplit("_", 1)[0], {"audio": path, "visual": path}))
         notes = [f"{len(missing)} of {len(listed)} listed clips are missing"] if missing else []
         return ScanResult(clips, sorted({label for _, _, label, _ in listed}), missing, notes)
 
-    def modalities(self, values: Mapping[str, Any]) -> dict[str, ModalitySpec]:
-        return {"audio": audio_spec(values), "visual": frames_spec(values)}
 
-    def decode(self, clip: Clip, values: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        path = clip.sources["video"]
-        return {"audio": spectrogram(path, values), "visual": frames_from_video(path, values)}
 
 
 SPEC = real_dataset_spec(
