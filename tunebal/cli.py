@@ -17,6 +17,12 @@ from tunebal.errors import ConfigError, TunebalError
 
 
 class _Parser(argparse.ArgumentParser):
+    """One line and exit 2 on a usage error; ``--help`` shows every option's default."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
         raise ConfigError(f"{self.prog}: {message}")
 
@@ -221,6 +227,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.split not in ("train", "val", "test"):
         raise ConfigError(f"unknown split '{args.split}'; valid: train, val, test")
     check_device(args.device)
+    if os.path.isdir(args.checkpoint):  # a Tune checkpoint directory, as summary.json records it
+        from tunebal.checkpoint import CHECKPOINT_FILENAME
+
+        args.checkpoint = os.path.join(args.checkpoint, CHECKPOINT_FILENAME)
     meta = read_checkpoint_meta(args.checkpoint)
     try:
         method, dataset, config = meta["method"], meta["dataset"], meta["config"]
@@ -236,9 +246,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "checkpoint":
-        from tunebal.bench.checkpoint_io import run
+        from tunebal.bench.checkpoint_io import format_table, run
 
-        run()
+        print(format_table(run()))
         return 0
     if args.what == "imbalance":
         from tunebal.bench.imbalance import run

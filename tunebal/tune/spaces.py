@@ -32,13 +32,26 @@ from tunebal.errors import ConfigError
 from tunebal.knobs import Knob, KnobSet
 from tunebal.methods import get_method_class
 
-SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
+SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"  # a checkout or an editable install
+
+
+def spaces_dirs() -> list[Path]:
+    """Where the shipped spaces are: the checkout's ``search_spaces/``, else the wheel's data
+    files (``<prefix>/share/tunebal/search_spaces``, pyproject ``data-files``)."""
+    import sys
+
+    package_prefix = Path(__file__).resolve().parents[5]  # <prefix>/lib/pythonX.Y/site-packages/tunebal/tune/spaces.py
+    return [SPACES_DIR, Path(sys.prefix) / "share" / "tunebal" / "search_spaces",
+            package_prefix / "share" / "tunebal" / "search_spaces"]
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "lograndint", "choice")
 _EPOCH_EXPR = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*\*\s*epochs\s*$")
 
 
 def space_path(method: str) -> Path:
-    """The packaged space of a method; falls back to the installed package's share dir."""
+    """The shipped space of a method (see :func:`spaces_dirs`)."""
+    for directory in spaces_dirs():
+        if (directory / f"{method}.yaml").is_file():
+            return directory / f"{method}.yaml"
     return SPACES_DIR / f"{method}.yaml"
 
 
