@@ -10,7 +10,7 @@ Reported per method (mean ± std over seeds where marked):
 
 * test accuracy and macro-F1 (mean ± std);
 * each modality's zero-out accuracy on test (mean) -- the weak branch's share of the model;
-* ρ of the dominant modality on test (seed 002 Eq. 7 over the whole split; mean) -- 1 is balanced;
+* ρ of the dominant modality on test (OPM/OGM (TPAMI 2024), Eq. 7 over the whole split; mean) -- 1 is balanced;
 * the selected epoch (mean);
 * the mean train step time divided by the baseline's, both measured in this process
   (``torch.set_num_threads(1)``; the per-run step time is the median over epochs of the

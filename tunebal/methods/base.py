@@ -145,7 +145,7 @@ class Method:
         return dict(ctx.encoded.features)
 
     def loss(self, ctx: StepContext) -> torch.Tensor:
-        """Training loss; plain cross-entropy of the fused prediction (seed 000 Eq. 2)."""
+        """Training loss; plain cross-entropy of the fused prediction (AIM, Eq. 2)."""
         assert ctx.logits is not None
         return F.cross_entropy(ctx.logits, ctx.labels)
 

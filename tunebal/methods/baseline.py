@@ -1,6 +1,6 @@
-"""Joint training: the multimodal framework trained with plain cross-entropy (seed 000 Eq. 2).
+"""Joint training: the multimodal framework trained with plain cross-entropy (AIM, Eq. 2).
 
-The baseline of every paper in the family (seed 002 §4, seed 000 §IV-A); no knobs.
+The baseline of every paper in the family (OPM/OGM (TPAMI 2024) §4, AIM §IV-A); no knobs.
 """
 
 from __future__ import annotations

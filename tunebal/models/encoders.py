@@ -1,6 +1,6 @@
 """Per-modality encoders exposed as an ordered list of D blocks.
 
-AIM (seed 000 §III-B) splits every encoder into D sequential blocks E_1..E_D and needs the
+AIM (AIM §III-B) splits every encoder into D sequential blocks E_1..E_D and needs the
 input I_d of each block; OGM/ARL/AMSS only need to know which parameters belong to which
 modality. Every encoder here therefore has the same shape:
 

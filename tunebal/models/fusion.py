@@ -1,4 +1,4 @@
-"""Fusion modules: concat, sum, FiLM and gated (the four studied in seed 002 §4.3 / seed 000).
+"""Fusion modules: concat, sum, FiLM and gated (the four studied in OPM/OGM (TPAMI 2024) §4.3 / AIM).
 
 Each takes the list of unimodal features [z^1..z^M] (same order as the model's modalities)
 and returns one fused vector of ``out_dim``; a linear classifier follows. Zeroing z^j

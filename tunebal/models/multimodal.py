@@ -1,4 +1,4 @@
-"""The multimodal framework Θ = classifier(fusion(E^1(x^1), ..., E^M(x^M))) (seed 000 Eq. 1)."""
+"""The multimodal framework Θ = classifier(fusion(E^1(x^1), ..., E^M(x^M))) (AIM, Eq. 1)."""
 
 from __future__ import annotations
 
