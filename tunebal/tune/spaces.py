@@ -40,9 +40,9 @@ def spaces_dirs() -> list[Path]:
     files (``<prefix>/share/tunebal/search_spaces``, pyproject ``data-files``)."""
     import sys
 
-    package_prefix = Path(__file__).resolve().parents[5]  # <prefix>/lib/pythonX.Y/site-packages/tunebal/tune/spaces.py
-    return [SPACES_DIR, Path(sys.prefix) / "share" / "tunebal" / "search_spaces",
-            package_prefix / "share" / "tunebal" / "search_spaces"]
+    here = Path(__file__).resolve().parents  # <prefix>/lib/pythonX.Y/site-packages/tunebal/tune/spaces.py
+    prefixes = [Path(sys.prefix)] + ([here[5]] if len(here) > 5 else [])
+    return [SPACES_DIR] + [p / "share" / "tunebal" / "search_spaces" for p in prefixes]
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "lograndint", "choice")
 _EPOCH_EXPR = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*\*\s*epochs\s*$")
 
