@@ -40,6 +40,8 @@ def no_ray(monkeypatch):
         raise AssertionError("Ray was started: the bad input was not caught before Ray")
 
     monkeypatch.setattr(runner, "init_ray", forbidden)
+    # as in a fresh `tunebal` process, even when this test session runs a Ray cluster
+    monkeypatch.setattr(runner, "_ray_initialized", lambda: False)
 
 
 @pytest.fixture
@@ -485,16 +487,19 @@ def test_errored_or_diverged_trial_is_never_the_best(tmp_path):
     from tunebal.tune.report import best_checkpoint
     from tunebal.tune.trainable import NONFINITE_MARKER
 
-    dirs = [tmp_path / n for n in ("crashed", "diverged", "ok")]
+    dirs = [tmp_path / n for n in ("crashed", "diverged", "diverged_remote", "ok")]
     for d in dirs:
         d.mkdir()
     (dirs[1] / NONFINITE_MARKER).write_text("training loss became nan at epoch 2")
     crashed = _fake_result(dirs[0], RuntimeError("worker died"), [("c0", {"val/acc": 0.9})])
     diverged = _fake_result(dirs[1], None, [("c1", {"val/acc": 0.8})])
-    ok = _fake_result(dirs[2], None, [("c2", {"val/acc": 0.3}), ("c3", {"val/acc": 0.4})])
-    result, ckpt, metrics = best_checkpoint([crashed, diverged, ok])
+    # on another node the marker file may not reach storage; the last result says it
+    remote = _fake_result(dirs[2], None, [("c4", {"val/acc": 0.85})])
+    remote.metrics = {"val/acc": float("-inf"), "nonfinite_loss": 1, "epoch_failed": "loss became inf"}
+    ok = _fake_result(dirs[3], None, [("c2", {"val/acc": 0.3}), ("c3", {"val/acc": 0.4})])
+    result, ckpt, metrics = best_checkpoint([crashed, diverged, remote, ok])
     assert result is ok and ckpt == "c3" and metrics["val/acc"] == 0.4
-    assert best_checkpoint([crashed, diverged]) is None
+    assert best_checkpoint([crashed, diverged, remote]) is None
 
 
 # --------------------------------------------------------------------------- processes

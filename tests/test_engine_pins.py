@@ -19,6 +19,7 @@ from tunebal.engine import Engine
 from tunebal.metrics import discrepancy_ratios, true_class_scores
 
 torch.set_num_threads(1)
+pytestmark = pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
 
 
 # --------------------------------------------------------------------------- LR schedule on resume

@@ -302,6 +302,7 @@ def test_amss_selection_frequencies_in_the_method_follow_the_fisher(source, fish
             alt = _unit_fisher(ref, alt_loss, layers)
         alt_sel = torch.zeros(ref_draws, w.numel())
         alt_sel.scatter_(1, torch.multinomial((alt / alt.sum()).expand(ref_draws, -1), n_keep, replacement=False, generator=gen), 1.0)
-        assert float(((alt_sel.mean(0).double() - f_ref).abs() / se).max()) > 8
-        assert float(((n_keep / w.numel() - f_ref).abs() / se).max()) > 8  # and uniform selection
+        # (beyond the 5-standard-error acceptance band above, so these would have failed it)
+        assert float(((alt_sel.mean(0).double() - f_ref).abs() / se).max()) > 6.5
+        assert float(((n_keep / w.numel() - f_ref).abs() / se).max()) > 6.5  # and uniform selection
     assert tested == 48  # 2 encoders × (4 + 4 + 8 + 8) channel units

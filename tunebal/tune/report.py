@@ -36,8 +36,13 @@ def _one_line(error: BaseException | None) -> str:
 
 
 def diverged(result) -> str | None:
-    """The reason a trial's loss became NaN/Inf (its marker file), or None."""
+    """The reason a trial's loss became NaN/Inf, or None: from its last result (reported by
+    the trainable on any node) or else its marker file."""
     from tunebal.tune.trainable import NONFINITE_MARKER
+
+    last = getattr(result, "metrics", None) or {}
+    if last.get("nonfinite_loss") == 1:
+        return str(last.get("epoch_failed") or "non-finite loss")
 
     marker = os.path.join(result.path, NONFINITE_MARKER)
     try:
@@ -160,7 +165,7 @@ def print_summary(summary: Mapping[str, Any], columns: list[str]) -> None:
     print(format_table(summary["trials"], columns))
     best = summary["best"]
     if best is None:
-        print("no trial produced a checkpoint")
+        print("no trial produced a checkpoint without erroring or diverging")
     else:
         test = best["test"]
         per_mod = "  ".join(f"{k[len('test/'):]}={v:.4f}" for k, v in test.items() if k.startswith("test/acc_"))
