@@ -638,3 +638,26 @@ def test_experiment_dataset_empty_root(tmp_path):
         experiment_dataset(tmp_path)
     with pytest.raises(CheckpointError, match="not a directory"):
         experiment_dataset(tmp_path / "missing")
+
+
+def test_streamed_and_reread_seals_agree_and_cover_every_block(tmp_path):
+    """The digest hashed while writing equals the one computed by re-reading the file
+    (tunebal/sealed.py), and a flipped byte in any 1 MiB block of a multi-block file is caught."""
+    path = tmp_path / CHECKPOINT_FILENAME
+    g = torch.Generator().manual_seed(0)
+    save_checkpoint(path, {"a": torch.randn(700_000, generator=g), "b": torch.arange(10)}, {"epoch": 1})
+    raw = path.read_bytes()
+    assert len(raw) > 2.5 * sealed.BLOCK
+    with pa.memory_map(str(path)) as f:
+        digest = pa.ipc.open_file(f).schema.metadata[sealed.DIGEST_KEY]
+    again = tmp_path / "again.arrow"
+    again.write_bytes(raw.replace(digest, b"f" * 64))
+    sealed.seal(again, "f" * 64)
+    assert again.read_bytes() == raw
+    for block in range(len(raw) // sealed.BLOCK + 1):
+        data = bytearray(raw)
+        pos = min(block * sealed.BLOCK + 12345, len(raw) - 20)
+        data[pos] ^= 0x04
+        again.write_bytes(bytes(data))
+        with pytest.raises(CheckpointError):
+            load_checkpoint(again)

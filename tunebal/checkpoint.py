@@ -18,7 +18,7 @@ A checkpoint is ONE Arrow IPC ("Feather v2") file:
 * the schema metadata key ``b"tunebal"`` holding JSON
   ``{"format_version": 2, "tree": <skeleton>, "meta": <meta>}``;
 
-* the schema metadata key ``b"tunebal_sha256"``: one sha256 over every byte of the file
+* the schema metadata key ``b"tunebal_sha256"``: one sha256 digest over every byte of the file
   (tunebal/sealed.py), checked before anything in the file is used. It covers the tensor
   payloads, the row index (names, dtypes, shapes, kinds), the skeleton, the meta JSON and
   the Arrow footer, so an edited or corrupted file is rejected with one line, never
@@ -326,11 +326,14 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any], meta: Map
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     os.close(fd)
     try:
-        with pa.OSFile(tmp, "wb") as sink:
+        sink = sealed.SealingFile(tmp, placeholder)  # hashes the bytes as they are written
+        try:
             with pa.ipc.new_file(sink, schema) as writer:
                 for batch in batches:
                     writer.write_batch(batch)
-        sealed.seal(tmp, placeholder)
+        finally:
+            sink.close()
+        sealed.seal_written(tmp, sink, placeholder)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
