@@ -1,4 +1,4 @@
-"""AIM (seed 000): the formulas against hand-computed values, the decoupler's gradient path
+"""AIM (Adaptive Intra-Network Modulation): the formulas against hand-computed values, the decoupler's gradient path
 (Eq. 13), what the mask learns, Algorithm 1's phases, checkpoint/resume, every fusion, three
 modalities and the decoupler's size."""
 
@@ -13,7 +13,13 @@ from torch import nn
 
 from tunebal.data import build_dataset
 from tunebal.engine import Engine
-from tunebal.methods.aim import AIM, BlockDecoupler, Decoupler, num_decoupler_parameters, run_block
+from tunebal.methods.aim import (
+    AIM,
+    BlockDecoupler,
+    Decoupler,
+    num_decoupler_parameters,
+    run_block,
+)
 from tunebal.methods.aim.losses import (
     depth_loss,
     distance_logits,
@@ -336,7 +342,7 @@ def test_pam_after_start_keeps_training_the_decoupler(small_data):
 
 def test_modulation_loss_follows_the_formulas(small_data):
     """One step from E = 0: loss/mod equals Σ_d α_d L_d recomputed from the logged s, ρ, L."""
-    eng = Engine(small_data, "aim", {**FAST, "epochs": 1, "start_epoch": 0, "pam": False}, device="cpu")
+    eng = Engine(small_data, "aim", {**FAST, "epochs": 1, "start_epoch": 0, "pam": False, "distance": "euclidean"}, device="cpu")
     method: AIM = eng.method  # type: ignore[assignment]
     method.on_epoch_start(eng)
     inputs, labels = next(eng.iterate(small_data.train, shuffle=True))
@@ -451,9 +457,13 @@ def test_search_space_loads():
 # --------------------------------------------------------------------------- Algorithm 1's wiring
 
 
-def _cdist_logits(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """−δ by torch's own elementwise Euclidean distance (independent of losses.py)."""
-    return -torch.cdist(x.reshape(x.shape[0], -1), p.reshape(p.shape[0], -1), compute_mode="donot_use_mm_for_euclid_dist")
+def _cdist_logits(x: torch.Tensor, p: torch.Tensor, distance: str = "euclidean") -> torch.Tensor:
+    """−δ by torch's own elementwise Euclidean distance (independent of losses.py); standardised:
+    divided by the batch mean of each sample's (population) std of δ over the prototypes, a constant."""
+    d = torch.cdist(x.reshape(x.shape[0], -1), p.reshape(p.shape[0], -1), compute_mode="donot_use_mm_for_euclid_dist")
+    if distance == "standardised":
+        d = d / d.detach().var(dim=1, unbiased=False).sqrt().mean()
+    return -d
 
 
 def _s_and_ce(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -525,20 +535,20 @@ def _engine_step_grads(eng: Engine):
 
 def _close(got: dict, want: dict, what: str) -> None:
     assert set(got) == set(want), what
-    for n in want:
-        g = torch.zeros_like(want[n]) if got[n] is None else got[n]
-        scale = float(want[n].abs().max()) + 1e-6
-        assert float((g - want[n]).abs().max()) <= 1e-3 * scale + 1e-7, f"{what}: {n}"
+    for n, w in want.items():
+        g = torch.zeros_like(w) if got[n] is None else got[n]
+        scale = float(w.abs().max()) + 1e-6
+        assert float((g - w).abs().max()) <= 1e-3 * scale + 1e-7, f"{what}: {n}"
 
 
-@pytest.mark.parametrize("aux_form", ["factorised", "direct"])
-def test_one_step_matches_hand_built_algorithm_1(small_data, aux_form):
+@pytest.mark.parametrize("aux_form, distance", [("factorised", "standardised"), ("direct", "euclidean")])
+def test_one_step_matches_hand_built_algorithm_1(small_data, aux_form, distance):
     """One modulation step against CE + Σ_d α_d Σ_m (ρ L + ρ̂ L̂) + L_pam + Eq. 5 written out with
     torch ops: α from the original blocks' s (Eq. 14), ρ/ρ̂ from s and ŝ (Eq. 12), L̂ from the
     auxiliary block θ^b(θ) on the original block's input with the decoupler constant (Eq. 13
     reaches θ), L_pam from the complement block with θ, I_d and the DAP constant (Eq. 8),
     and Eq. 5 training the DAP alone, the framework frozen and P_d constant in L_mod."""
-    eng = Engine(small_data, "aim", {**WIRING, "aux_form": aux_form}, device="cpu")
+    eng = Engine(small_data, "aim", {**WIRING, "aux_form": aux_form, "distance": distance}, device="cpu")
     inputs, labels, loss, grads, (ref, dec, dap) = _engine_step_grads(eng)
     mods, k, b = small_data.modalities, small_data.num_classes, len(labels)
 
@@ -577,15 +587,15 @@ def test_one_step_matches_hand_built_algorithm_1(small_data, aux_form):
     for i, m in enumerate(mods):
         for d in range(depth):
             target = protos[m][d].detach()
-            s_md, L[i][d] = _s_and_ce(_cdist_logits(outs[m][d].reshape(b, -1), target), labels)
+            s_md, L[i][d] = _s_and_ce(_cdist_logits(outs[m][d].reshape(b, -1), target, distance), labels)
             s[i, d] = s_md.detach()
             block, bdec = ref.encoders[m].blocks[d], dec.blocks[m][d]
             dec_consts = copy.deepcopy(bdec).requires_grad_(False)
             out, _ = _hand_block(block, dec_consts, ins[m][d], "aux", const_theta=False)
-            s_md, L_aux[i][d] = _s_and_ce(_cdist_logits(out.reshape(b, -1), target), labels)
+            s_md, L_aux[i][d] = _s_and_ce(_cdist_logits(out.reshape(b, -1), target, distance), labels)
             s_aux[i, d] = s_md.detach()
             out, rec = _hand_block(block, bdec, ins[m][d].detach(), "comp", const_theta=True)
-            l_pam = l_pam + _s_and_ce(_cdist_logits(out.reshape(b, -1), target), labels)[1] + rec
+            l_pam = l_pam + _s_and_ce(_cdist_logits(out.reshape(b, -1), target, distance), labels)[1] + rec
     l_mod = 0.0
     for d in range(depth):
         col, col_aux = s[:, d], s_aux[:, d]
@@ -654,6 +664,7 @@ def test_literal_readings_are_knobs(small_data):
 def test_defaults_follow_the_papers_intent_and_e0_trains_the_decoupler(small_data):
     knob = {k.name: k.default for k in AIM.KNOBS}
     assert knob["pam_after_start"] is True and knob["dap_from_mod"] is False
+    assert knob["distance"] == "standardised" and knob["aux_form"] == "factorised" and knob["proto_refresh"] == 1
     eng = Engine(small_data, "aim", {**FAST, "epochs": 1, "start_epoch": 0, "seed": 2}, device="cpu")
     metrics = eng.run_epoch()  # E = 0: modulation from the first step, the decoupler learns alongside
     assert metrics["method/phase"] == 1.0 and metrics["method/loss/pam"] > 0
@@ -744,3 +755,15 @@ def test_prototype_orthogonality_eq16_is_logged_per_depth(small_data):
     protos, _ = eng.method.dap.propagate(eng.model)
     assert metrics["method/proto_cos/audio/d3"] == pytest.approx(float(prototype_overlap(protos["audio"][2])), rel=1e-5)
     assert all(0 <= metrics[f"method/proto_cos/{m}/d{d}"] <= 1 for m in small_data.modalities for d in range(1, 5))
+
+
+def test_standardised_distance_by_hand_and_scale_free():
+    x = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
+    p = torch.tensor([[0.0, 0.0], [6.0, 8.0], [3.0, 0.0]])
+    d = torch.tensor([[0.0, 10.0, 3.0], [5.0, 5.0, 4.0]])  # Euclidean distances by hand
+    sd0 = math.sqrt(((d[0] - d[0].mean()) ** 2).mean())
+    sd1 = math.sqrt(((d[1] - d[1].mean()) ** 2).mean())
+    got = distance_logits(x, p, "standardised")
+    assert torch.allclose(got, -d / ((sd0 + sd1) / 2), atol=1e-5)
+    assert torch.allclose(distance_logits(7 * x, 7 * p, "standardised"), got, atol=1e-5)
+    assert torch.allclose(distance_logits(x, p), -d, atol=1e-5)  # the paper's raw form

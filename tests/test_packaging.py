@@ -23,10 +23,14 @@ def test_wheel_contents_and_a_non_editable_install_finds_the_spaces(tmp_path):
     shipped = sorted(Path(n).name for n in names if "/share/tunebal/search_spaces/" in n)
     assert spaces and shipped == spaces
 
-    prefix = tmp_path / "prefix"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--prefix", str(prefix), str(wheel)],
+    # a separate virtual environment, so the project's own (editable) install is never touched
+    env = tmp_path / "env"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True, timeout=120)
+    python = env / "bin" / "python"
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", str(wheel)],
                    check=True, timeout=300, capture_output=True)
-    site = next(prefix.glob("lib/python*/site-packages"))
+    site = next(env.glob("lib/python*/site-packages"))
+    deps = [p for p in sys.path if p.endswith("site-packages")]  # torch, yaml, ... from this environment
     code = (
         "import tunebal, sys; from tunebal.tune.spaces import load_space, space_path;"
         "from tunebal.methods import METHODS, get_method_class; get_method_class('baseline');"
@@ -34,6 +38,7 @@ def test_wheel_contents_and_a_non_editable_install_finds_the_spaces(tmp_path):
         "[load_space(m, 'synth', 8) for m in sorted(METHODS)];"
         "print(space_path('aim'))"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(site)], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)},
+    out = subprocess.run([str(python), "-c", code, str(site)], cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(deps)},
                          check=True, timeout=120, capture_output=True, text=True)
-    assert out.stdout.strip() == str(prefix / "share" / "tunebal" / "search_spaces" / "aim.yaml")
+    assert out.stdout.strip() == str(env / "share" / "tunebal" / "search_spaces" / "aim.yaml")

@@ -19,7 +19,7 @@ BatchNorm", 2021). The engine calls it before each validation evaluation when th
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn

@@ -1,4 +1,4 @@
-"""Evidence for AIM (seed 000): the method, its ablations and the baseline under one budget.
+"""Evidence for AIM (Adaptive Intra-Network Modulation): the method, its ablations and the baseline under one budget.
 
 Run ``python -m tunebal.bench.aim [--seeds 3 --epochs 8 --data n_train=640 ...] --json out.json``.
 Parts (``--parts``, comma-separated; all by default):
@@ -26,7 +26,8 @@ Parts (``--parts``, comma-separated; all by default):
 * ``flops``: training FLOPs per sample of one step (forward + backward + the method's extra
   work), AIM before/after E against the baseline, counted with
   ``torch.utils.flop_counter.FlopCounterMode`` (AIM, Fig. 8), on synth and at CREMA-D sizes.
-* ``bn``: the cause of the post-E collapse: AIM at a high learning rate of the search space,
+* ``bn``: the BatchNorm part of the post-E collapse: AIM with the raw distance and the literal
+  readings (the configuration that collapsed) at a high learning rate of the search space,
   per epoch the validation accuracy in eval mode with the running BatchNorm statistics against
   the same weights after recomputing them (tunebal/bn.py), and the training accuracy.
 
@@ -37,13 +38,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import resource
 import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Self
 
 import torch
 
@@ -114,7 +115,11 @@ def depth_performance(model, dap, split: Split, batch_size: int = 128) -> torch.
 def probe_alpha(engine, probe_steps: int, proto_lr: float = 0.05, seed: int = 0) -> dict[str, Any]:
     """Fit a fresh probe DAP on the frozen model and return s^m_d and α_d on validation."""
     from tunebal.methods.aim.losses import imbalance
-    from tunebal.methods.aim.prototypes import DepthAdaptivePrototypes, eval_mode, frozen
+    from tunebal.methods.aim.prototypes import (
+        DepthAdaptivePrototypes,
+        eval_mode,
+        frozen,
+    )
 
     data, model = engine.data, engine.model
     gen = torch.Generator().manual_seed(seed + 104_729)
@@ -140,7 +145,11 @@ def probe_alpha(engine, probe_steps: int, proto_lr: float = 0.05, seed: int = 0)
 
 def part_params() -> dict[str, Any]:
     from tunebal.methods.aim import num_decoupler_parameters
-    from tunebal.models.encoders import mlp_encoder, resnet18_encoder, small_conv_encoder
+    from tunebal.models.encoders import (
+        mlp_encoder,
+        resnet18_encoder,
+        small_conv_encoder,
+    )
 
     encoders = {
         "small spectrogram (synth audio)": small_conv_encoder("spectrogram", 1, (16, 32, 64, 128)),
@@ -277,9 +286,9 @@ def train_flops(engine, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -
 class _GlobalOnly:
     """Stands in for FlopCounterMode's module tracker: every FLOP is counted under "Global"."""
 
-    parents = {"Global"}
+    parents: ClassVar[frozenset[str]] = frozenset({"Global"})
 
-    def __enter__(self) -> "_GlobalOnly":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *args: object) -> None:
@@ -332,7 +341,9 @@ def part_bn(overrides, data_values, epochs: int) -> list[dict[str, Any]]:
     from tunebal.engine import Engine
 
     data = build_dataset("synth", dict(data_values))
-    config = {"lr": 0.071, "start_epoch": 2, "grad_clip": 1.0, "epochs": epochs, **overrides}
+    # the configuration that collapsed before: the paper's raw distance, the literal readings
+    config = {"lr": 0.071, "start_epoch": 2, "grad_clip": 1.0, "epochs": epochs, "distance": "euclidean",
+              "pam_after_start": False, "dap_from_mod": True, **overrides}
     engine = Engine(data, "aim", config, device="cpu")
     rows = []
     for _ in range(epochs):

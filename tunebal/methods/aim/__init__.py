@@ -1,4 +1,4 @@
-"""AIM: Adaptive Intra-Network Modulation (seed 000), the first public implementation.
+"""AIM: Adaptive Intra-Network Modulation (AIM paper), the first public implementation.
 
 - ``prototypes.py``: Depth-Adaptive Prototypes (DAP, Eqs. 3-6)
 - ``decoupler.py``: PAM's parameter decoupling (Eq. 7, Eq. 8's reconstruction, Eq. 13)
@@ -8,7 +8,13 @@
 Importing this package registers the method ``aim``.
 """
 
-from tunebal.methods.aim.decoupler import BlockDecoupler, Decoupler, LayerDecoupler, num_decoupler_parameters, run_block
+from tunebal.methods.aim.decoupler import (
+    BlockDecoupler,
+    Decoupler,
+    LayerDecoupler,
+    num_decoupler_parameters,
+    run_block,
+)
 from tunebal.methods.aim.method import AIM
 from tunebal.methods.aim.prototypes import DepthAdaptivePrototypes
 

@@ -1,4 +1,4 @@
-"""PAM's parameter decoupling mechanism (seed 000 §III-D1, Eq. 7, Eq. 8's reconstruction, Eq. 13).
+"""PAM's parameter decoupling mechanism (AIM §III-D1, Eq. 7, Eq. 8's reconstruction, Eq. 13).
 
 For a block E^m_d with parameters θ the paper maps the *flattened* θ through one FC layer
 Φ_lat to a 512-d latent θ_lat, learns a mask w = σ(Φ_mask(θ_lat)) and decodes
@@ -53,8 +53,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -124,7 +124,7 @@ class LayerDecoupler(nn.Module):
             return rows[:, :-1].reshape(self.weight_shape), rows[:, -1]
         return rows.reshape(self.weight_shape), None
 
-    def factors(self, z: torch.Tensor) -> "Factored":
+    def factors(self, z: torch.Tensor) -> Factored:
         """The factorised layer for latent codes ``z`` = θ_lat ⊙ keep (C_out, L): mix (C_out, L+1)
         and basis = [Ψ_Wᵀ; ψ_bᵀ] (L+1, n), split into basis filters and basis biases."""
         mix = torch.cat([z, torch.ones_like(z[:, :1])], dim=1)

@@ -1,4 +1,4 @@
-"""AIM's formulas as small pure functions (seed 000 Eqs. 4, 8-12, 14, 15).
+"""AIM's formulas as small pure functions (AIM, Eqs. 4, 8-12, 14, 15).
 
 Notation: B samples, K classes, M modalities, D depths. A block output or prototype is
 flattened per sample (``x.reshape(B, -1)``; frame clips (B·T, C, H, W) become one vector of
@@ -11,6 +11,14 @@ softmax over −δ is close to one-hot: s^m_d then behaves like nearest-prototyp
 a unit vector). ``distance="euclidean", temperature=1`` is the paper's form and the default;
 ``distance="rms"`` divides δ by sqrt(dim) (the root-mean-square difference per element,
 comparable across depths) and ``temperature`` divides the logits further.
+
+``distance="standardised"`` (ours) measures δ in units of its own spread: logits
+−δ_ik / σ, σ = the batch mean over samples of the standard deviation of δ_i· over the K
+prototypes, detached. It is scale-free (features and prototypes scaled together give the
+same logits), so every depth's softmax has gaps of order one whatever the size of its feature
+map, and the gradient w.r.t. the features is the raw one divided by σ. The raw form's
+gradient does not shrink with the feature map: at E on synth, L_mod's gradient on the audio
+encoder's convolutions was 4-15x CE's (relative to the weights' norms).
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-DISTANCES = ("euclidean", "rms")
+DISTANCES = ("euclidean", "rms", "standardised")
 
 
 def flat(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -74,6 +82,9 @@ def distance_logits(
     d = euclidean_distance(feats, protos)
     if distance == "rms":
         d = d / math.sqrt(feats.shape[1])
+    elif distance == "standardised":
+        spread = d.detach().std(dim=1, unbiased=False).mean() if d.shape[1] > 1 else d.new_ones(())
+        d = d / spread.clamp_min(1e-12)
     return -d / temperature
 
 

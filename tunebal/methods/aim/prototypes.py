@@ -1,4 +1,4 @@
-"""Depth-Adaptive Prototypes, DAP (seed 000 §III-C, Eqs. 3-6).
+"""Depth-Adaptive Prototypes, DAP (AIM §III-C, Eqs. 3-6).
 
 K learnable, input-shaped prototypes P^m_0 = {p^{m,k}_0} per modality live at the encoder
 input. They are fitted with the framework frozen on
@@ -34,7 +34,7 @@ Our choices (the paper leaves them open):
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
