@@ -1,4 +1,4 @@
-"""AMSS / AMSS+ (seed 003 §III): significance, update ratios, mask counts, sampling, unbiasedness,
+"""AMSS / AMSS+ (AMSS (TPAMI 2025) §III): significance, update ratios, mask counts, sampling, unbiasedness,
 training with every fusion and 3 modalities, bit-exact resume, search spaces."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Evaluation metrics: accuracy, macro-F1 and mAP (scikit-learn definitions), per-modality
-accuracy from zero-out logits, and the discrepancy ratio ρ (seed 002, Eq. 7)."""
+accuracy from zero-out logits, and the discrepancy ratio ρ (OPM/OGM (TPAMI 2024), Eq. 7)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ from sklearn.metrics import accuracy_score, average_precision_score, f1_score
 
 
 def true_class_scores(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """s = softmax(logits)[y] per sample: the score of the true class (seed 002 Eq. 6)."""
+    """s = softmax(logits)[y] per sample: the score of the true class (OPM/OGM (TPAMI 2024), Eq. 6)."""
     return torch.softmax(logits.float(), dim=1).gather(1, labels.view(-1, 1)).squeeze(1)
 
 
 def discrepancy_ratios(scores: Mapping[str, torch.Tensor]) -> dict[str, float]:
-    """ρ^m = 1/(M−1) Σ_{j≠m} Σ_i s^m_i / Σ_i s^j_i (seed 002 Eq. 7); ρ^m > 1: m dominates.
+    """ρ^m = 1/(M−1) Σ_{j≠m} Σ_i s^m_i / Σ_i s^j_i (OPM/OGM (TPAMI 2024), Eq. 7); ρ^m > 1: m dominates.
 
     ``scores`` maps each modality to its per-sample true-class scores over the same samples.
     """

@@ -1,4 +1,4 @@
-"""Mask units, Fisher importance and importance sampling for AMSS / AMSS+ (seed 003 §III-B, III-C).
+"""Mask units, Fisher importance and importance sampling for AMSS / AMSS+ (AMSS (TPAMI 2025) §III-B, III-C).
 
 This module holds the tensor-level machinery; the method itself (modal significance, the update
 ratio and the hooks) lives in :mod:`tunebal.methods.amss`. Nothing here synchronises with the

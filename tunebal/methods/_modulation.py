@@ -5,13 +5,13 @@ from these helpers adds no host round-trip to a training step.
 
 * :func:`zero_out_true_class_scores` -- s^m_i, the softmax probability of the true class under
   modality m's zero-out logits (the one unimodal estimate of tunebal, METHODS.md "Common
-  notation"; seed 002 Eq. 6 with the full bias instead of b/M);
-* :func:`discrepancy_ratios` -- ρ^m of seed 002 Eq. 7 as a tensor (same definition as
+  notation"; OPM/OGM (TPAMI 2024), Eq. 6 with the full bias instead of b/M);
+* :func:`discrepancy_ratios` -- ρ^m of OPM/OGM (TPAMI 2024), Eq. 7 as a tensor (same definition as
   :func:`tunebal.metrics.discrepancy_ratios`, which works on Python floats);
 * :func:`batch_rho` -- ρ of the current mini-batch, computed once per step and shared by every
   hook (and by both halves of OPM+OGM);
-* :func:`ogm_coefficients` (seed 002 Eq. 11, plus the CVPR-release form) and
-  :func:`opm_probabilities` (seed 002 Eq. 8);
+* :func:`ogm_coefficients` (OPM/OGM (TPAMI 2024), Eq. 11, plus the CVPR-release form) and
+  :func:`opm_probabilities` (OPM/OGM (TPAMI 2024), Eq. 8);
 * :class:`MultimodalOnly`, the compatibility rule shared by these methods (M >= 2).
 """
 
@@ -49,7 +49,7 @@ class MultimodalOnly(Method):
 
 
 def true_class_scores(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """softmax(logits)[y] per sample, in float32 (seed 002 Eq. 6)."""
+    """softmax(logits)[y] per sample, in float32 (OPM/OGM (TPAMI 2024), Eq. 6)."""
     return torch.softmax(logits.float(), dim=1).gather(1, labels.view(-1, 1)).squeeze(1)
 
 
@@ -75,7 +75,7 @@ def zero_out_true_class_scores(ctx: StepContext) -> torch.Tensor:
 
 
 def discrepancy_ratios(scores: torch.Tensor) -> torch.Tensor:
-    """ρ^m = 1/(M−1) Σ_{j≠m} Σ_i s^m_i / Σ_i s^j_i  (seed 002 Eq. 7) for (M, B) scores -> (M,).
+    """ρ^m = 1/(M−1) Σ_{j≠m} Σ_i s^m_i / Σ_i s^j_i  (OPM/OGM (TPAMI 2024), Eq. 7) for (M, B) scores -> (M,).
 
     ρ^m > 1 means modality m dominates the batch. With M = 1 every ρ is 1. The modality with
     the smallest batch score sum always has ρ <= 1 (each of its ratios is <= 1); OPM relies
@@ -109,7 +109,7 @@ def batch_rho(ctx: StepContext, means: EpochMeans | None = None) -> torch.Tensor
 def ogm_coefficients(rho: torch.Tensor, alpha: float, form: str = "tpami") -> torch.Tensor:
     """OGM's gradient coefficients k^m from ρ (tensor in, tensor out).
 
-    * ``"tpami"`` (seed 002 Eq. 11 with z(x) = tanh(x − 1)): k = 1 − α·tanh(ρ − 1) if ρ > 1
+    * ``"tpami"`` (OPM/OGM (TPAMI 2024), Eq. 11 with z(x) = tanh(x − 1)): k = 1 − α·tanh(ρ − 1) if ρ > 1
       else 1, clipped at 0 (the paper: "the minimum value of k is set to 0").
     * ``"cvpr"`` (the OGM-GE CVPR 2022 release): k = 1 − tanh(α·ρ) for the dominant modality
       (ρ > 1) else 1. It is discontinuous at ρ = 1 (k jumps from 1 to 1 − tanh(α)) and always
@@ -126,7 +126,7 @@ def ogm_coefficients(rho: torch.Tensor, alpha: float, form: str = "tpami") -> to
 
 
 def opm_probabilities(rho: torch.Tensor, q_base: float, lam: float) -> torch.Tensor:
-    """OPM's drop probabilities (seed 002 Eq. 8 with z(x) = tanh(x − 1)), clipped to [0, 1].
+    """OPM's drop probabilities (OPM/OGM (TPAMI 2024), Eq. 8 with z(x) = tanh(x − 1)), clipped to [0, 1].
 
     q = q_base·(1 + λ·tanh(ρ − 1)) if ρ > 1 else 0.
     """
@@ -139,7 +139,7 @@ def encoder_grad_params(model: "MultimodalModel", modality: str, conv_only: bool
     """Trainable parameters of modality ``modality``'s encoder (optionally only 4-D conv kernels).
 
     Fusion and classifier parameters are never included: the methods here modulate the
-    encoders only (seed 002 §3.2.2; seed 004 Eqs. 19-20).
+    encoders only (OPM/OGM (TPAMI 2024) §3.2.2; ARL (ICCV 2025), Eqs. 19-20).
     """
     return [p for p in model.encoders[modality].parameters() if p.requires_grad and (not conv_only or p.dim() == 4)]
 

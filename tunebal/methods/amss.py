@@ -1,4 +1,4 @@
-"""AMSS and AMSS+: Adaptively Mask Subnetworks considering modal significance (seed 003 §III).
+"""AMSS and AMSS+: Adaptively Mask Subnetworks considering modal significance (AMSS (TPAMI 2025) §III).
 
 Every training step (all tensors, no host sync):
 
@@ -167,7 +167,7 @@ def update_ratios(u: torch.Tensor, tau: float, clamp: bool = False) -> torch.Ten
 @register_method
 class AMSS(Method):
     name = "amss"
-    description = "AMSS: update a Fisher-sampled subnetwork whose size falls with modal significance (seed 003 §III-B)"
+    description = "AMSS: update a Fisher-sampled subnetwork whose size falls with modal significance (AMSS (TPAMI 2025) §III-B)"
     KNOBS = AMSS_KNOBS
     #: AMSS+ rescales the kept units by 1/(π + a)
     unbiased = False
@@ -336,6 +336,6 @@ class AMSS(Method):
 @register_method
 class AMSSPlus(AMSS):
     name = "amss_plus"
-    description = "AMSS+: AMSS with kept units rescaled by 1/(π+a), an unbiased masked gradient (seed 003 §III-C)"
+    description = "AMSS+: AMSS with kept units rescaled by 1/(π+a), an unbiased masked gradient (AMSS (TPAMI 2025) §III-C)"
     KNOBS = AMSS_PLUS_KNOBS
     unbiased = True

@@ -1,4 +1,4 @@
-"""ARL: Asymmetric Representation Learning (seed 004 §3.2, Algorithm 1).
+"""ARL: Asymmetric Representation Learning (ARL (ICCV 2025) §3.2, Algorithm 1).
 
 Per step, from the zero-out unimodal logits p^m (``ctx.unimodal_logits()``: the shared fusion
 and classifier with every other feature zeroed -- the paper's "auxiliary regularisers", no
@@ -12,7 +12,7 @@ extra parameters):
   code does), not the mean of per-sample inverses, which explodes on a single confident sample.
 * **Dependency ratio** (Eq. 4): d^{m0}/d^{m1} with d^m = σ(p^m)[y], the true-class score.
   Eq. 4 is per sample; knob ``d_reduce`` picks the batch estimate: ``ratio_of_means``
-  (default: Σ_i s^{m0}_i / Σ_i s^{m1}_i, robust, and for M = 2 identical to seed 002's ρ^{m0})
+  (default: Σ_i s^{m0}_i / Σ_i s^{m1}_i, robust, and for M = 2 identical to OPM/OGM (TPAMI 2024)'s ρ^{m0})
   or ``mean_of_ratios`` (mean_i s^{m0}_i / s^{m1}_i, heavy-tailed when s^{m1}_i is tiny).
 * **Coefficients** (Eq. 18): [a^{m0}, a^{m1}] = softmax([T·q^{m0}/q^{m1}, T·d^{m0}/d^{m1}]).
   The first entry goes to m0: when the dependency ratio is below the target (inverse-variance)
@@ -114,7 +114,7 @@ def arl_coefficients(Q: torch.Tensor, D: torch.Tensor, T: float) -> torch.Tensor
 @register_method
 class ARL(MultimodalOnly):
     name = "arl"
-    description = "ARL: asymmetric (1+a) encoder gradients from inverse entropy vs dependency, plus unimodal CE (seed 004 §3.2)"
+    description = "ARL: asymmetric (1+a) encoder gradients from inverse entropy vs dependency, plus unimodal CE (ARL (ICCV 2025) §3.2)"
     KNOBS = ARL_KNOBS
 
     def __init__(self, values, modalities, num_classes, seed) -> None:

@@ -1,6 +1,6 @@
-"""OGM-GE: On-the-fly Gradient Modulation with Generalisation Enhancement (seed 002 §3.2.2).
+"""OGM-GE: On-the-fly Gradient Modulation with Generalisation Enhancement (OPM/OGM (TPAMI 2024) §3.2.2).
 
-Each step (Algorithm 2 of seed 002):
+Each step (Algorithm 2 of OPM/OGM (TPAMI 2024)):
 
 1. ρ^m of the current mini-batch from the zero-out true-class scores s^m (Eqs. 6-7; detached,
    computed in ``before_fusion`` so it runs under the same autocast as the forward pass).
@@ -60,7 +60,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from tunebal.engine import Engine
 
 OGM_KNOBS = knobs(
-    Knob("alpha", "float", 0.8, "modulation strength α (seed 002 Eq. 11; release: 0.8 CREMA-D, 0.1 VGGSound)", low=0.0, high=10.0),
+    Knob("alpha", "float", 0.8, "modulation strength α (OPM/OGM (TPAMI 2024), Eq. 11; release: 0.8 CREMA-D, 0.1 VGGSound)", low=0.0, high=10.0),
     Knob("form", "str", "tpami", "k formula: tpami 1-α·tanh(ρ-1) (paper) | cvpr 1-tanh(α·ρ) (CVPR release)", choices=("tpami", "cvpr")),
     Knob("start", "int", 0, "first epoch (0-based) of the modulation window", low=0, high=100000),
     Knob("end", "int", -1, "last epoch (0-based, inclusive) of the window; -1: until the last epoch", low=-1, high=100000),
@@ -74,7 +74,7 @@ OGM_KNOBS = knobs(
 @register_method
 class OGM(MultimodalOnly):
     name = "ogm"
-    description = "OGM-GE: scale the dominant encoder's gradient by k(ρ) plus Gaussian noise (seed 002 §3.2.2)"
+    description = "OGM-GE: scale the dominant encoder's gradient by k(ρ) plus Gaussian noise (OPM/OGM (TPAMI 2024) §3.2.2)"
     KNOBS = OGM_KNOBS
 
     def __init__(self, values, modalities, num_classes, seed) -> None:

@@ -1,4 +1,4 @@
-"""OPM: On-the-fly Prediction Modulation (seed 002 §3.2.1, Algorithm 1).
+"""OPM: On-the-fly Prediction Modulation (OPM/OGM (TPAMI 2024) §3.2.1, Algorithm 1).
 
 Each step t:
 
@@ -48,7 +48,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from tunebal.engine import Engine
 
 OPM_KNOBS = knobs(
-    Knob("q_base", "float", 0.5, "base drop probability q_base in (0, 1) (seed 002 Eq. 8; Fig. 7: 0.5)", low=0.0, high=1.0),
+    Knob("q_base", "float", 0.5, "base drop probability q_base in (0, 1) (OPM/OGM (TPAMI 2024), Eq. 8; Fig. 7: 0.5)", low=0.0, high=1.0),
     Knob("lam", "float", 0.5, "λ > 0: how much ρ raises the drop probability (Eq. 8; Fig. 7: 0.5)", low=0.0, high=10.0),
     Knob("p_exe", "float", 1.0, "probability that a batch is modulated at all (release: 0.7; paper: 1)", low=0.0, high=1.0),
     Knob("rescale", "bool", False, "scale kept features by 1/(1-q) (release: on; paper: off)"),
@@ -59,7 +59,7 @@ OPM_KNOBS = knobs(
 @register_method
 class OPM(MultimodalOnly):
     name = "opm"
-    description = "OPM: drop the dominant modality's feature with probability q(ρ) before fusion (seed 002 §3.2.1)"
+    description = "OPM: drop the dominant modality's feature with probability q(ρ) before fusion (OPM/OGM (TPAMI 2024) §3.2.1)"
     KNOBS = OPM_KNOBS
 
     def __init__(self, values, modalities, num_classes, seed) -> None:

@@ -1,4 +1,4 @@
-"""OPM+OGM: prediction and gradient modulation together (seed 002 Table 12, "w/ OPM+OGM").
+"""OPM+OGM: prediction and gradient modulation together (OPM/OGM (TPAMI 2024) Table 12, "w/ OPM+OGM").
 
 A composite of :class:`~tunebal.methods.opm.OPM` (drops the dominant feature before fusion
 with the previous step's q) and :class:`~tunebal.methods.ogm.OGM` (scales the dominant
@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
 @register_method
 class OPMOGM(MultimodalOnly):
     name = "opm_ogm"
-    description = "OPM + OGM-GE together (seed 002 Table 12)"
+    description = "OPM + OGM-GE together (OPM/OGM (TPAMI 2024) Table 12)"
     KNOBS = OPM.KNOBS + OGM.KNOBS
 
     def __init__(self, values, modalities, num_classes, seed) -> None:
