@@ -12,6 +12,7 @@ import contextlib
 import math
 import random
 import time
+import warnings
 from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
@@ -114,6 +115,9 @@ class Engine:
         self.epoch = 0
         self.global_step = 0
         self.use_amp = self.common["amp"] and self.device.type == "cuda"
+        if self.use_amp and not torch.cuda.is_bf16_supported():
+            warnings.warn(f"tunebal: {torch.cuda.get_device_name(self.device)} has no bf16; training in fp32", RuntimeWarning)
+            self.use_amp = False
         seed_everything(self.common["seed"])
 
         backbone = self.common["backbone"]

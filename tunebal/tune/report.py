@@ -9,12 +9,18 @@ import os
 from typing import Any, Mapping
 
 from tunebal.tune.runner import METRIC, MODE, SearchOptions
+from tunebal.tune.trainable import trial_device
 
 
 def evaluate_checkpoint_on_test(
-    checkpoint_dir: str, method: str, dataset: str, data_values: Mapping[str, Any], config: Mapping[str, Any]
+    checkpoint_dir: str,
+    method: str,
+    dataset: str,
+    data_values: Mapping[str, Any],
+    config: Mapping[str, Any],
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """Load a trial's Arrow checkpoint and evaluate it once on the test split."""
+    """Load a trial's Arrow checkpoint and evaluate it once on the test split (on ``device``)."""
     from tunebal.checkpoint import CHECKPOINT_FILENAME
     from tunebal.data import build_dataset
     from tunebal.engine import Engine
@@ -22,7 +28,7 @@ def evaluate_checkpoint_on_test(
 
     data_knobs, engine_config = split_data_knobs(config)
     data = build_dataset(dataset, {**data_values, **data_knobs})
-    engine = Engine(data, method, engine_config)
+    engine = Engine(data, method, engine_config, device=device)
     meta = engine.load(os.path.join(checkpoint_dir, CHECKPOINT_FILENAME))
     return {"epoch": meta["epoch"], **{f"test/{k}": v for k, v in engine.evaluate("test").items()}}
 
@@ -139,7 +145,8 @@ def summarize(results, opts: SearchOptions, searched: list[str]) -> dict[str, An
         result, checkpoint, metrics = best
         evaluate = ray.remote(num_cpus=opts.cpus_per_trial, num_gpus=opts.gpus_per_trial)(evaluate_checkpoint_on_test)
         test = ray.get(
-            evaluate.remote(checkpoint.path, opts.method, opts.dataset, opts.data_values, result.config)
+            evaluate.remote(checkpoint.path, opts.method, opts.dataset, opts.data_values, result.config,
+                            trial_device(opts.gpus_per_trial))
         )
         summary["best"] = {
             "trial": os.path.basename(result.path),

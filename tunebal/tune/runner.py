@@ -65,6 +65,11 @@ class SearchOptions:
                 raise ConfigError(f"{name} must be >= {low}, got {value}")
         if self.grace_period > self.max_epochs:
             raise ConfigError(f"--grace-period ({self.grace_period}) must be <= --max-epochs ({self.max_epochs})")
+        if self.gpus_per_trial > 1:
+            raise ConfigError(
+                f"--gpus-per-trial {self.gpus_per_trial:g}: a trial trains on one device (no data-parallel training "
+                "inside a trial); use at most 1, and more trials (or fractions to pack several on one GPU)"
+            )
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
             raise ConfigError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
         if self.max_concurrent is not None and self.max_concurrent < 1:

@@ -44,10 +44,13 @@ def run_trial(
     data_values: Mapping[str, Any],
     max_epochs: int,
     threads: int,
+    device: str = "cpu",
     crash_once_at_epoch: int | None = None,
 ) -> None:
-    """Train one configuration under Tune. ``crash_once_at_epoch`` is a test hook that kills
-    the worker process once, after that epoch's checkpoint is reported."""
+    """Train one configuration under Tune on ``device`` (:func:`trial_device`).
+
+    ``crash_once_at_epoch`` is a test hook that kills the worker process once, after that
+    epoch's checkpoint is reported."""
     import torch
     from ray import tune
 
@@ -65,7 +68,7 @@ def run_trial(
     data_knobs, engine_config = split_data_knobs(config)
     data = build_dataset(dataset, {**data_values, **data_knobs})
     engine_config["epochs"] = max_epochs
-    engine = Engine(data, method, engine_config)
+    engine = Engine(data, method, engine_config, device=device)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
@@ -87,6 +90,16 @@ def run_trial(
                 os._exit(17)  # a hard crash: the worker dies without cleanup
 
 
+def trial_device(gpus_per_trial: float) -> str:
+    """The device a trial trains on: ``cuda`` only when Ray reserved a GPU (share) for it.
+
+    Ray 2.60 leaves ``CUDA_VISIBLE_DEVICES`` unset for 0-GPU workers, so on a GPU node a trial
+    choosing its device by ``torch.cuda.is_available()`` would train on ``cuda:0`` uncounted
+    by Ray; a 0-GPU trial therefore always trains on the CPU.
+    """
+    return "cuda" if gpus_per_trial > 0 else "cpu"
+
+
 def make_trainable(
     method: str,
     dataset: str,
@@ -106,6 +119,7 @@ def make_trainable(
         data_values=dict(data_values),
         max_epochs=max_epochs,
         threads=max(1, int(cpus_per_trial)),
+        device=trial_device(gpus_per_trial),
         crash_once_at_epoch=crash_once_at_epoch,
     )
     fn.__name__ = f"tunebal_{method}"  # type: ignore[attr-defined]
