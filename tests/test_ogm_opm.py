@@ -268,12 +268,15 @@ def test_opm_uses_previous_step_rho_rescale_and_p_exe():
     _opm_step(opm, audio_dom, labels)  # step 0 sets q from audio dominance
     q_a = opm.q[0].item()
     out = _opm_step(opm, visual_dom, labels)  # step 1: visual now dominates, but q is last step's
-    assert torch.equal(out["visual"], torch.ones_like(out["visual"]))
+    d_a, d_v = out["audio"].shape[1], out["visual"].shape[1]
+    theta = d_a * q_a / (d_a + d_v)  # the release's global θ = Σ d_m q_m / Σ d_m (q_visual = 0)
+    factor = 1 / (1 - theta)
+    torch.testing.assert_close(out["visual"], torch.full_like(out["visual"], factor))  # every modality rescaled
     kept = out["audio"][(out["audio"] != 0).all(dim=1)]
     assert kept.shape[0] < b
-    torch.testing.assert_close(kept, torch.full_like(kept, 1 / (1 - q_a)))  # rescaled by 1/(1-q)
+    torch.testing.assert_close(kept, torch.full_like(kept, factor))  # by the one global factor, not 1/(1-q_a)
     out = _opm_step(opm, visual_dom, labels)  # step 2: now the visual feature is dropped
-    assert torch.equal(out["audio"], torch.ones_like(out["audio"]))
+    assert (out["audio"] != 0).all()
     assert (out["visual"] == 0).all(dim=1).any()
 
     # p_exe: a batch is either untouched or modulated; the fraction modulated is about p_exe

@@ -18,10 +18,12 @@ depend on the data and resumes bit-exactly.
 Release variants (BML_TPAMI2024), as knobs, with the paper's behaviour as default:
 
 * ``p_exe`` -- the whole batch is modulated only with this probability (release 0.7; paper 1.0);
-* ``rescale`` -- kept features of a modulated modality are multiplied by 1/(1 − q) (release on;
-  paper off). A dropped feature stays 0;
-* ``warmup`` -- no dropping during the first ``warmup`` epochs (release 5; paper 0); q is
-  still updated there, so the first modulated step uses the previous step's ρ.
+* ``rescale`` -- in a modulated batch, the kept features of **every** modality are multiplied
+  by one global factor 1/(1 − θ), θ = Σ_m d_m·q_m / Σ_m d_m with d_m modality m's feature
+  size, as the release does (release on; paper off). A dropped feature stays 0;
+* ``warmup`` -- no dropping during the first ``warmup`` epochs (the release skips epochs 0-5,
+  i.e. ``warmup=6``; paper 0); q is still updated there, so the first modulated step uses the
+  previous step's ρ.
 
 **Samples losing every modality.** The release removes them from the batch. Under Eq. 8 it
 cannot happen: the modality with the smallest batch score sum has ρ ≤ 1 (each of its ratios
@@ -51,8 +53,8 @@ OPM_KNOBS = knobs(
     Knob("q_base", "float", 0.5, "base drop probability q_base in (0, 1) (OPM/OGM (TPAMI 2024), Eq. 8; Fig. 7: 0.5)", low=0.0, high=1.0),
     Knob("lam", "float", 0.5, "λ > 0: how much ρ raises the drop probability (Eq. 8; Fig. 7: 0.5)", low=0.0, high=10.0),
     Knob("p_exe", "float", 1.0, "probability that a batch is modulated at all (release: 0.7; paper: 1)", low=0.0, high=1.0),
-    Knob("rescale", "bool", False, "scale kept features by 1/(1-q) (release: on; paper: off)"),
-    Knob("warmup", "int", 0, "epochs without dropping at the start (release: 5; paper: 0)", low=0, high=100000),
+    Knob("rescale", "bool", False, "scale kept features by the release's global 1/(1-θ), θ = Σ d_m q_m / Σ d_m (release: on; paper: off)"),
+    Knob("warmup", "int", 0, "epochs without dropping at the start (release: 6, epochs 0-5; paper: 0)", low=0, high=100000),
 )
 
 
@@ -90,11 +92,14 @@ class OPM(MultimodalOnly):
         if modulate:
             execute = u_batch < self.knobs["p_exe"]
             drop = (u < q[:, None]) & execute
+            if self.knobs["rescale"]:  # the release: one factor 1/(1 − θ), θ = Σ d_m q_m / Σ d_m
+                dims = torch.tensor([feats[m][0].numel() for m in self.modalities], dtype=q.dtype, device=device)
+                theta = (dims * q).sum() / dims.sum()
+                factor = 1.0 / (1.0 - theta).clamp_min(1e-6)
             for i, m in enumerate(self.modalities):
                 z = feats[m]
                 keep = torch.ones_like(u[i])
                 if self.knobs["rescale"]:
-                    factor = 1.0 / (1.0 - q[i]).clamp_min(1e-6)
                     keep = torch.where(execute, factor, keep)
                 scale = torch.where(drop[i], torch.zeros_like(keep), keep).to(z.dtype)
                 feats[m] = z * scale.view(-1, *([1] * (z.dim() - 1)))
