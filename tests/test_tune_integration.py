@@ -186,3 +186,29 @@ def test_every_method_searches_end_to_end_with_its_space(ray_cluster, tmp_path, 
     assert summary["best"] is not None and 0.0 <= summary["best"]["test"]["test/acc"] <= 1.0
     searched = [k for k in summary["trials"][0] if k not in ("trial", "status", "epochs", "best_val_acc", "last_val_acc", "error")]
     assert searched, "the method's space searched nothing"
+
+
+def test_optuna_study_is_a_journal_file_in_the_experiment(ray_cluster, tmp_path):
+    """optuna-dashboard and Optuna's analysis read the study; ASHA-stopped trials carry their stopping epoch."""
+    import optuna
+
+    from tunebal.tune.runner import STUDY_FILE, study_storage
+
+    opts = _opts(tmp_path, "study", num_samples=4, max_epochs=3)
+    summary = run_search(opts)
+    exp = Path(summary["experiment"])
+    assert (exp / STUDY_FILE).is_file()
+    study = optuna.load_study(study_name="study", storage=study_storage(exp))
+    trials = study.get_trials(deepcopy=False)
+    assert len(trials) == 4
+    by_state = {t.state.name for t in trials}
+    assert by_state <= {"COMPLETE", "PRUNED"}
+    rows = {r["status"]: r for r in summary["trials"]}
+    for t in trials:
+        if t.state.name == "PRUNED":  # ASHA stopped it: the epoch is recorded, no final value is claimed
+            assert 1 <= t.user_attrs["stopped_at_epoch"] < 3 and t.value is None
+            assert max(t.intermediate_values, default=0) <= t.user_attrs["stopped_at_epoch"]
+        else:  # ran the full budget: per-epoch values, then the final one as the trial's value
+            assert t.value is not None and set(t.intermediate_values) <= {1, 2, 3}
+    assert sum(t.state.name == "PRUNED" for t in trials) == sum(r["status"] == "STOPPED" for r in summary["trials"])
+    assert rows

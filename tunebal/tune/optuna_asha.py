@@ -33,5 +33,7 @@ class AshaAwareOptunaSearch(OptunaSearch):
             return super().on_trial_complete(trial_id, result, error)
         import optuna
 
-        self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
+        trial = self._ot_trials[trial_id]
+        trial.set_user_attr("stopped_at_epoch", int(result.get(self._epoch_key, 0)))  # where ASHA stopped it
+        self._ot_study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         self._completed_trials.add(trial_id)

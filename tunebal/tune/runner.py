@@ -172,6 +172,19 @@ def init_ray(address: str | None, include_dashboard: bool | None = None) -> None
         ray.init(address="local", include_dashboard=include_dashboard, log_to_driver=False)
 
 
+STUDY_FILE = "optuna.journal"
+
+
+def study_storage(experiment_dir: Path):
+    """The Optuna study as a journal file in the experiment directory, so ``optuna-dashboard``
+    and Optuna's analysis read it: ``optuna.load_study(study_name=NAME, storage=study_storage(DIR))``."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    experiment_dir.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(experiment_dir / STUDY_FILE)))
+
+
 def build_tuner(opts: SearchOptions, space: dict[str, Any]):
     """The Tuner for a fresh experiment."""
     # Tune warns whenever short epochs force frequent experiment snapshots (num_to_keep=1);
@@ -201,7 +214,8 @@ def build_tuner(opts: SearchOptions, space: dict[str, Any]):
         from tunebal.tune.optuna_asha import AshaAwareOptunaSearch
 
         searcher = AshaAwareOptunaSearch(
-            metric=METRIC, mode=MODE, sampler=optuna.samplers.TPESampler(seed=opts.seed), max_epochs=opts.max_epochs
+            metric=METRIC, mode=MODE, sampler=optuna.samplers.TPESampler(seed=opts.seed), max_epochs=opts.max_epochs,
+            study_name=opts.name, storage=study_storage(opts.experiment_dir),
         )
         if opts.max_concurrent:
             searcher = ConcurrencyLimiter(searcher, max_concurrent=opts.max_concurrent)

@@ -34,8 +34,9 @@ from tunebal.errors import ConfigError
 
 MANIFEST = "tunebal_state.json"
 KEY_ENV = "TUNEBAL_STATE_KEY_FILE"
-#: Files tunebal itself writes into the experiment directory, read only as plain JSON/CSV.
-OWN_FILES = frozenset({MANIFEST, "summary.json", "trials.csv"})
+#: Files tunebal itself writes into the experiment directory, read only as plain JSON/CSV
+#: (the Optuna study's journal is JSON lines, replayed by Optuna without unpickling).
+OWN_FILES = frozenset({MANIFEST, "summary.json", "trials.csv", "optuna.journal", "optuna.journal.lock"})
 
 
 def key_path() -> Path:
