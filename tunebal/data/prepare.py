@@ -304,7 +304,7 @@ def run_prepare(
                     done = _shard_done(out, name, planned, phash)
                     if done is None:
                         rows, bad = [], []
-                        for clip, (status, result) in zip(chunk, _decode_all(pool, preparer, chunk, values)):
+                        for clip, (status, result) in zip(chunk, _decode_all(pool, workers, preparer, chunk, values)):
                             if status == "bad":
                                 if not skip_bad:
                                     raise DataError(result)
@@ -351,11 +351,13 @@ def run_prepare(
     return PrepareReport(out, counts, manifest["missing"], skipped, decoded, time.perf_counter() - start, already=False)
 
 
-def _decode_all(pool, preparer: Preparer, chunk: Sequence[Clip], values: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
+def _decode_all(
+    pool, workers: int, preparer: Preparer, chunk: Sequence[Clip], values: Mapping[str, Any]
+) -> Iterator[tuple[str, Any]]:
     tasks = [(preparer, clip, values) for clip in chunk]
     if pool is None:
         return map(_decode_task, tasks)
-    return pool.map(_decode_task, tasks, chunksize=max(1, len(tasks) // (4 * pool._max_workers)))
+    return pool.map(_decode_task, tasks, chunksize=max(1, len(tasks) // (4 * workers)))
 
 
 class _NoBar:

@@ -65,12 +65,7 @@ def check_storage(storage: str) -> Path:
     existing = _first_existing(root.absolute())
     if not existing.is_dir():
         raise ConfigError(f"--storage {storage}: {existing} is a file, not a directory")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=root, prefix=".tunebal-probe-"):
-            pass
-    except OSError as exc:
-        raise ConfigError(f"--storage {storage} is not a writable directory ({exc.strerror or exc})") from None
+    make_writable_dir(root, f"--storage {storage}")
     return root.resolve()
 
 
@@ -193,11 +188,16 @@ def check_train_out(out: Path, explicit: bool) -> Path:
     return out
 
 
-def make_out_dir(out: Path) -> None:
-    """Create the ``train`` output directory and check that it is writable."""
+def make_writable_dir(path: Path, what: str) -> None:
+    """Create ``path`` and check, by writing a probe file, that it is writable; ``what`` names it in the error."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".tunebal-probe-"):
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".tunebal-probe-"):
             pass
     except OSError as exc:
-        raise ConfigError(f"--out {out} is not a writable directory ({exc.strerror or exc})") from None
+        raise ConfigError(f"{what} is not a writable directory ({exc.strerror or exc})") from None
+
+
+def make_out_dir(out: Path) -> None:
+    """Create the ``train`` output directory and check that it is writable."""
+    make_writable_dir(out, f"--out {out}")
