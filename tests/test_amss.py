@@ -1,5 +1,6 @@
 """AMSS / AMSS+ (AMSS (TPAMI 2025) §III): significance, update ratios, mask counts, sampling, unbiasedness,
-training with every fusion and 3 modalities, bit-exact resume, search spaces."""
+training with every fusion and 3 modalities, bit-exact resume, search spaces, attention-head units
+(Transformer encoders), classifier masking (mask_parts, §IV-C3 / Table VII)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunebal.data import build_dataset
+from tunebal.data.base import MultimodalData, Split
 from tunebal.engine import Engine
 from tunebal.errors import ConfigError
 from tunebal.methods import StepContext
@@ -19,10 +21,12 @@ from tunebal.methods._amss_mask import (
     exact_inclusion_probabilities,
     find_mask_layers,
     importance_weights,
+    layer_fisher_from_grad,
     sample_units,
     units_to_keep,
 )
 from tunebal.methods.amss import modal_significance, update_ratios
+from tunebal.models.encoders import transformer_encoder
 
 CFG = {"width": 4, "batch_size": 32, "lr": 0.05}
 
@@ -268,9 +272,27 @@ def test_after_backward_keeps_exactly_ceil_pN_units(tiny_data, method, extra):
             assert kept_per_layer == [math.ceil(float_p * layer.units) for layer in layers]
         else:
             assert sum(kept_per_layer) == math.ceil(float_p * sum(layer.units for layer in layers))
-    # fusion and classifier gradients are untouched
+    # the classifier part of each modality (concat: its columns of the classifier) is drawn on its own:
+    # exactly ⌈p·d⌉ columns (or ⌈p·C·d⌉ elements) keep their gradient, the others are zero
+    w_after, w_before = engine.model.classifier.weight.grad, before["classifier.weight"]
+    start = 0
+    for k, mod in enumerate(m.modalities):
+        d = engine.model.encoders[mod].out_dim
+        block_after, block_before = w_after[:, start : start + d], w_before[:, start : start + d]
+        assert bool((block_before != 0).all())
+        if extra.get("mask_unit") == "element":
+            kept = block_after != 0
+            assert int(kept.sum()) == math.ceil(float(p[k]) * block_after.numel() - 1e-6)
+        else:
+            kept = (block_after != 0).any(0)
+            assert bool(((block_after != 0) == kept[None]).all())  # whole columns
+            assert int(kept.sum()) == math.ceil(float(p[k]) * d - 1e-6)
+        if method == "amss":
+            assert torch.equal(block_after[block_after != 0], block_before[block_after != 0])
+        start += d
+    # the shared classifier bias and the fusion are untouched
     for name, param in engine.model.named_parameters():
-        if not name.startswith("encoders."):
+        if not name.startswith("encoders.") and name != "classifier.weight":
             assert torch.equal(param.grad, before[name]), name
     # every conv/linear weight of the small encoders is masked; with mask_norm also every BN
     cov = m.coverage()
@@ -433,3 +455,254 @@ def test_search_spaces_load(method):
     assert "lr" in space and "ms_momentum" in space
     if method == "amss_plus":
         assert "plus_a" in space
+
+
+# --------------------------------------------------------------------------- attention heads (Transformer)
+
+SEQ_CFG = {"width": 4, "batch_size": 16, "lr": 0.1, "optimizer": "sgd", "momentum": 0.0, "weight_decay": 0.0}
+
+
+def _seq_data(n=48, shapes=None, classes=3, seed=0):
+    """In-memory sequence data (the MOSI encoder's input kind) whose label is visible in every modality."""
+    shapes = shapes or {"a": (5, 6), "b": (7, 4)}
+    gen = torch.Generator().manual_seed(seed)
+
+    def split(count):
+        y = torch.randint(0, classes, (count,), generator=gen)
+        inputs = {m: torch.randn(count, *s, generator=gen) for m, s in shapes.items()}
+        for x in inputs.values():
+            x[:, 0, 0] += 2.0 * y
+        return Split(inputs, y)
+
+    return MultimodalData(name="seq", modalities=tuple(shapes), kinds={m: "sequence" for m in shapes},
+                          num_classes=classes, class_names=[str(c) for c in range(classes)],
+                          train=split(n), val=split(16), test=split(16))
+
+
+def _head_rows(h, d_model, head_dim):
+    """in_proj rows of head h, written out independently: its q, k and v slices of the packed weight."""
+    return [s * d_model + h * head_dim + j for s in range(3) for j in range(head_dim)]
+
+
+def _head_cols(h, head_dim):
+    return list(range(h * head_dim, (h + 1) * head_dim))
+
+
+def test_head_slices_are_the_heads_pytorch_computes():
+    """Zeroing head h's out_proj columns cuts exactly the in_proj rows (q, k, v) and biases of head h
+    off the loss: the slices the test (and the mask) call head h are PyTorch's head h."""
+    torch.manual_seed(0)
+    enc = transformer_encoder((5, 6), d_model=16, layers=1, heads=4)
+    mha = enc.blocks[0][1].self_attn
+    x = torch.randn(3, 5, 6)
+    for h in range(4):
+        with torch.no_grad():
+            saved = mha.out_proj.weight.clone()
+            mha.out_proj.weight[:, _head_cols(h, 4)] = 0.0
+        enc.zero_grad()
+        enc(x).square().sum().backward()
+        rows = _head_rows(h, 16, 4)
+        others = [r for r in range(48) if r not in rows]
+        assert bool((mha.in_proj_weight.grad[rows] == 0).all()) and bool((mha.in_proj_bias.grad[rows] == 0).all())
+        assert bool((mha.in_proj_weight.grad[others].abs().sum(1) > 0).all())
+        with torch.no_grad():
+            mha.out_proj.weight.copy_(saved)
+
+
+def test_transformer_mask_layers_have_head_units():
+    enc = transformer_encoder((5, 6), d_model=16, layers=2, heads=4)
+    layers = find_mask_layers(enc, "channel")
+    kinds = [(layer.name.split(".")[-1], layer.kind, layer.units) for layer in layers]
+    assert kinds == [("proj", "channel", 16), ("self_attn", "head", 4), ("linear1", "channel", 32), ("linear2", "channel", 16),
+                     ("self_attn", "head", 4), ("linear1", "channel", 32), ("linear2", "channel", 16)]
+    assert all(not layer.tied for layer in layers)  # the layers' LayerNorms act on the residual stream
+    names = [layer.name for layer in layers]
+    assert not any("out_proj" in n for n in names)  # out_proj's columns belong to the heads
+
+
+def test_head_fisher_is_the_sum_over_the_heads_slices():
+    torch.manual_seed(1)
+    enc = transformer_encoder((5, 6), d_model=16, layers=1, heads=4)
+    F.cross_entropy(nn.Linear(16, 3)(enc(torch.randn(6, 5, 6))), torch.tensor([0, 1, 2, 0, 1, 2])).backward()
+    layer = next(layer for layer in find_mask_layers(enc, "channel") if layer.kind == "head")
+    mha = layer.module
+    want = torch.stack([
+        mha.in_proj_weight.grad[_head_rows(h, 16, 4)].square().sum() + mha.in_proj_bias.grad[_head_rows(h, 16, 4)].square().sum()
+        + mha.out_proj.weight.grad[:, _head_cols(h, 4)].square().sum()
+        for h in range(4)
+    ])
+    torch.testing.assert_close(layer_fisher_from_grad(layer), want)
+
+
+@pytest.mark.parametrize("method", ["amss", "amss_plus"])
+def test_masked_heads_receive_no_update(method):
+    data = _seq_data()
+    # scope=layer: ⌈p·H⌉ heads of every attention layer are kept (pooled, a head's Fisher -- summed over
+    # 3·d_h·D + 3·d_h + D·d_h elements -- dwarfs a row's, and the heads are nearly always drawn)
+    engine = Engine(data, method, {**SEQ_CFG, "mask_parts": "backbone", "ms_momentum": 0.999, "scope": "layer"})
+    _, before = _backward_only(engine, torch.tensor([0.3, 0.1]))
+    m, model = engine.method, engine.model
+    params_before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    names = {p: name for name, p in model.named_parameters()}
+    masked_heads = kept_heads = 0
+    for k, mod in enumerate(m.modalities):
+        for layer in m.layers[mod]:
+            if layer.kind != "head":
+                continue
+            kept_units = 0
+            mha = layer.module
+            d, hd = mha.embed_dim, mha.head_dim
+            for h in range(mha.num_heads):
+                rows, cols = _head_rows(h, d, hd), _head_cols(h, hd)
+                parts_after = [mha.in_proj_weight.grad[rows], mha.in_proj_bias.grad[rows], mha.out_proj.weight.grad[:, cols]]
+                parts_before = [before[names[mha.in_proj_weight]][rows], before[names[mha.in_proj_bias]][rows],
+                                before[names[mha.out_proj.weight]][:, cols]]
+                assert all(bool((b != 0).any()) for b in parts_before)
+                if all(bool((a == 0).all()) for a in parts_after):
+                    masked_heads += 1
+                else:  # kept: every part keeps its gradient (AMSS) or a positive multiple of it (AMSS+)
+                    kept_heads += 1
+                    kept_units += 1
+                    for a, b in zip(parts_after, parts_before):
+                        if method == "amss":
+                            assert torch.equal(a, b)
+                        else:
+                            ratio = a[b != 0] / b[b != 0]
+                            assert bool((ratio > 0).all()) and float(ratio.max() - ratio.min()) < 1e-4 * float(ratio.max())
+            assert torch.equal(mha.out_proj.bias.grad, before[names[mha.out_proj.bias]])  # no head's
+            assert kept_units == math.ceil(float(m.p[k]) * mha.num_heads - 1e-6)
+    assert masked_heads > 0 and kept_heads > 0
+    # the optimiser step: a masked head's q/k/v rows, biases and out_proj columns do not move, a kept head's do
+    engine.optimizer.step()
+    for mod in m.modalities:
+        for layer in (layer for layer in m.layers[mod] if layer.kind == "head"):
+            mha = layer.module
+            for h in range(mha.num_heads):
+                rows, cols = _head_rows(h, mha.embed_dim, mha.head_dim), _head_cols(h, mha.head_dim)
+                w, b, o = names[mha.in_proj_weight], names[mha.in_proj_bias], names[mha.out_proj.weight]
+                same = [torch.equal(mha.in_proj_weight[rows], params_before[w][rows]),
+                        torch.equal(mha.in_proj_bias[rows], params_before[b][rows]),
+                        torch.equal(mha.out_proj.weight[:, cols], params_before[o][:, cols])]
+                masked = bool((mha.in_proj_weight.grad[rows] == 0).all())
+                assert same == [masked] * 3, (layer.name, h)
+
+
+def test_per_sample_fisher_for_sequence_inputs_matches_per_sample_gradients():
+    """(B, L, D) activations: the hook Fisher of every linear layer of a Transformer encoder equals
+    (1/B) Σ_i (∂ℓ_i/∂w)^2 from one backward per sample (dropout off: samples are independent)."""
+    torch.manual_seed(2)
+    enc = transformer_encoder((7, 6), d_model=16, layers=2, heads=4)
+    for module in enc.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(module, nn.MultiheadAttention):
+            module.dropout = 0.0
+    head = nn.Linear(16, 3)
+    net = nn.Sequential(enc, head)
+    b = 5  # L = 7 is no multiple of B: positions are summed within a sample, never folded into rows
+    x, y = torch.randn(b, 7, 6), torch.randint(0, 3, (b,))
+    for unit in ("channel", "element"):
+        layers = find_mask_layers(enc, unit)
+        hooks = PerSampleFisher(layers)
+        hooks.capture = True
+        F.cross_entropy(net(x), y).backward()
+        got = [hooks.fisher(i, layer, b) for i, layer in enumerate(layers)]
+        hooks.remove()
+        linear = [i for i, layer in enumerate(layers) if isinstance(layer.module, nn.Linear)]
+        assert len(linear) == (5 if unit == "channel" else 7)
+        for i, layer in enumerate(layers):
+            if i not in linear or "out_proj" in layer.name:  # attention runs in F.multi_head_attention_forward
+                assert got[i] is None and (i not in hooks.supported or "out_proj" in layer.name)
+                continue
+            params = [layer.weight] + ([layer.bias] if layer.bias is not None else [])
+            sq = [torch.zeros_like(p) for p in params]
+            for s in range(b):
+                for acc, g in zip(sq, torch.autograd.grad(F.cross_entropy(net(x[s : s + 1]), y[s : s + 1]), params)):
+                    acc += g * g / b
+            ref = sq[0].reshape(-1) if unit == "element" else sq[0].sum(1) + (sq[1] if len(sq) > 1 else 0)
+            torch.testing.assert_close(got[i], ref, rtol=1e-4, atol=1e-10)
+        net.zero_grad()
+
+
+def test_amss_trains_a_transformer_with_per_sample_fisher():
+    data = _seq_data()
+    engine = Engine(data, "amss_plus", {**SEQ_CFG, "fisher": "per_sample"})
+    metrics = engine.run_epoch()
+    assert math.isfinite(metrics["train/loss"]) and 0.0 < metrics["method/p_a"] < 1.0
+    assert engine.method.coverage()["a"] > 0.9  # proj, heads (in_proj + out_proj weight), linear1/2
+
+
+# --------------------------------------------------------------------------- classifier masking (mask_parts)
+
+
+def _classifier_step(data, method, parts, fusion="concat"):
+    engine = Engine(data, method, {**CFG, "fusion": fusion, "optimizer": "sgd", "momentum": 0.0, "weight_decay": 0.0,
+                                   "mask_parts": parts, "ms_momentum": 0.0})
+    before = {name: p.detach().clone() for name, p in engine.model.named_parameters()}
+    inputs, labels = next(engine.iterate(data.train, shuffle=True))
+    engine.model.train()
+    engine.train_step(inputs, labels)
+    moved = {name: (p.detach() != before[name]) for name, p in engine.model.named_parameters()}
+    return engine, moved
+
+
+@pytest.mark.parametrize("method", ["amss", "amss_plus"])
+def test_classifier_mask_freezes_the_masked_columns(tiny_data, method):
+    engine, moved = _classifier_step(tiny_data, method, "classifier")
+    p, start = engine.method.p, 0
+    for k, mod in enumerate(engine.method.modalities):
+        d = engine.model.encoders[mod].out_dim
+        block = moved["classifier.weight"][:, start : start + d]
+        cols = block.all(0)
+        assert bool((block.any(0) == cols).all())  # a column moves as a whole or not at all
+        assert int(cols.sum()) == math.ceil(float(p[k]) * d - 1e-6) < d
+        start += d
+    assert bool(moved["classifier.bias"].all())  # shared by the modalities: never masked
+    for name, changed in moved.items():  # mask_parts=classifier leaves every encoder unit free
+        if name.startswith("encoders.") and name.endswith("weight") and changed.dim() > 1:
+            assert bool(changed.reshape(changed.shape[0], -1).any(1).all()), name
+
+    engine, moved = _classifier_step(tiny_data, method, "backbone")
+    assert bool(moved["classifier.weight"].all())  # backbone only: the classifier is free
+    m = engine.method
+    for k, mod in enumerate(m.modalities):  # ... and ⌈p·N⌉ encoder units moved
+        rows = [moved[f"encoders.{mod}.{layer.name.split('/', 1)[1]}.weight"] for layer in m.layers[mod]]
+        kept = sum(int(r.reshape(r.shape[0], -1).any(1).sum()) for r in rows)
+        assert kept == math.ceil(float(m.p[k]) * sum(layer.units for layer in m.layers[mod]) - 1e-6)
+
+
+def test_classifier_part_of_sum_fusion_is_the_modality_projection(tiny_data):
+    engine, moved = _classifier_step(tiny_data, "amss", "classifier", fusion="sum")
+    p = engine.method.p
+    for k, mod in enumerate(engine.method.modalities):
+        cols = moved[f"fusion.proj.{k}.weight"].any(0)
+        d = engine.model.encoders[mod].out_dim
+        assert int(cols.sum()) == math.ceil(float(p[k]) * d - 1e-6) < d
+    assert bool(moved["classifier.weight"].all())
+
+
+def test_classifier_per_sample_fisher_is_the_per_sample_outer_product(tiny_data):
+    """The classifier's per-sample gradient is (softmax − onehot)_i ⊗ a_i of the fused call only
+    (the zero-out calls of the same module receive no gradient from the fused loss)."""
+    engine = Engine(tiny_data, "amss", {**CFG, "fisher": "per_sample", "mask_parts": "classifier"})
+    m, model = engine.method, engine.model
+    model.train()
+    inputs, labels = next(engine.iterate(tiny_data.train, shuffle=True))
+    ctx = StepContext(model=model, inputs=inputs, labels=labels, epoch=0, step=0)
+    ctx.encoded = model.encode(inputs)
+    ctx.features = m.before_fusion(ctx)
+    ctx.logits = model.head(ctx.features)
+    ctx.loss = m.loss(ctx)  # computes the zero-out logits too (more calls of the classifier)
+    ctx.loss.backward()
+    b = labels.shape[0]
+    a = torch.cat([ctx.features[mod] for mod in m.modalities], 1).detach()
+    delta = torch.softmax(ctx.logits.detach(), 1) - F.one_hot(labels, tiny_data.num_classes).float()
+    fisher_cols = (delta[:, :, None] * a[:, None, :]).square().mean(0).sum(0)  # (1/B) Σ_i Σ_c (∂ℓ_i/∂W_cj)^2
+    start = 0
+    for _, layers, indices in m._groups:
+        (layer,), (idx,) = layers, indices
+        stop = start + layer.units
+        assert layer.columns == (start, stop) and idx in m.per_sample.supported
+        torch.testing.assert_close(m._fisher(idx, layer, b), fisher_cols[start:stop], rtol=1e-4, atol=1e-12)
+        start = stop
+    assert start == a.shape[1]

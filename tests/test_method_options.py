@@ -22,6 +22,7 @@ amss mask_unit, scope,    test_amss.py::test_after_backward_keeps_exactly_ceil_p
     mask_norm
 amss fisher,              test_mechanisms.py::test_amss_selection_frequencies_in_the_method_follow_the_fisher
     fisher_source
+amss mask_parts           test_amss.py::test_classifier_mask_freezes_the_masked_columns (+ ..._ceil_pN_units)
 amss_plus plus_a          here: test_amss_plus_a_weights_kept_units_by_one_over_pi_plus_a_over_c
 ========================  ===========================================================================
 """

@@ -26,7 +26,13 @@ from tunebal.config import COMMON_KNOBS
 from tunebal.data.base import MultimodalData, Source, Split
 from tunebal.errors import CheckpointError, ConfigError, NonFiniteLossError
 from tunebal.methods import Method, StepContext, get_method_class
-from tunebal.metrics import classification_metrics, modality_metrics
+from tunebal.metrics import (
+    classification_metrics,
+    modality_metrics,
+    regression_metrics,
+    regression_modality_metrics,
+    sign_hits,
+)
 from tunebal.models import MultimodalModel, build_model
 
 Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
@@ -109,6 +115,8 @@ class Engine:
         self.common, self.method_knobs = split_config(method_cls, config or {})
         self.config = {**self.common, **self.method_knobs}
         method_cls.check_compatible(len(data.modalities), self.common["fusion"])
+        method_cls.check_task(data.task, data.name)
+        self.regression = data.task == "regression"  # float targets, one output, L1 (e.g. CMU-MOSI's score)
         self.data = data
         self.method_name = method
         self.device = pick_device(device)
@@ -142,6 +150,7 @@ class Engine:
         self.optimizer = self._build_optimizer()
         self.scheduler = self._build_scheduler()
         self.method: Method = method_cls(self.method_knobs, data.modalities, data.num_classes, self.common["seed"])
+        self.method.regression = self.regression
         self.method.setup(self)
 
     # --- construction ----------------------------------------------------------------------
@@ -309,7 +318,10 @@ class Engine:
             ctx = self.train_step(inputs, labels)
             n = labels.shape[0]
             loss_sum += ctx.loss.detach().float() * n
-            correct += (ctx.logits.detach().argmax(dim=1) == labels).sum()
+            if self.regression:  # train/acc: Acc-2 with zeros, as val/acc
+                correct += sign_hits(ctx.logits.detach().squeeze(1), labels).sum()
+            else:
+                correct += (ctx.logits.detach().argmax(dim=1) == labels).sum()
             seen += n
             steps += 1
             if progress is not None:
@@ -332,7 +344,9 @@ class Engine:
 
     @torch.no_grad()
     def evaluate(self, split: Split | str, batch_size: int | None = None) -> dict[str, float]:
-        """Loss, accuracy, macro-F1, mAP, per-modality zero-out accuracy and ρ over every sample."""
+        """Loss, accuracy, macro-F1, mAP, per-modality zero-out accuracy and ρ over every sample;
+        for a regression target the L1 loss, :func:`~tunebal.metrics.regression_metrics` (``acc``
+        is Acc-2 with zeros) and per-modality Acc-2 and MAE."""
         if isinstance(split, str):
             split = getattr(self.data, split)
         self.model.eval()
@@ -346,6 +360,11 @@ class Engine:
                     uni[m].append(lg.float().cpu())
             all_labels.append(labels.cpu())
         logits, labels = torch.cat(all_logits), torch.cat(all_labels)
+        if self.regression:
+            out = {"loss": float(F.l1_loss(logits.squeeze(1), labels))}
+            out.update(regression_metrics(logits.squeeze(1), labels))
+            out.update(regression_modality_metrics({m: torch.cat(v).squeeze(1) for m, v in uni.items()}, labels))
+            return out
         out = {"loss": float(F.cross_entropy(logits, labels))}
         out.update(classification_metrics(logits, labels, self.data.num_classes))
         out.update(modality_metrics({m: torch.cat(v) for m, v in uni.items()}, labels))

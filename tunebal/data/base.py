@@ -144,7 +144,11 @@ class MultimodalData:
             if isinstance(split, Split):
                 self._check_in_memory(split_name, split)
             labels = split.labels
-            if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+            if self.task == "regression":
+                if not labels.dtype.is_floating_point or self.num_classes != 1:
+                    raise DataError(f"dataset {self.name}: a regression target needs float labels and one output, "
+                                    f"got {labels.dtype} and {self.num_classes}")
+            elif len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
                 raise DataError(f"dataset {self.name}: {split_name} labels outside [0, {self.num_classes})")
 
     def _check_in_memory(self, split_name: str, split: Split) -> None:
@@ -155,6 +159,12 @@ class MultimodalData:
         for m in self.modalities:
             if tuple(split.inputs[m].shape[1:]) != self.input_shapes[m]:
                 raise DataError(f"dataset {self.name}: modality '{m}' input shape differs between train and {split_name}")
+
+    @property
+    def task(self) -> str:
+        """``"classification"`` (int64 class labels) or ``"regression"`` (float32 targets, one model
+        output; ``info["task"]``, e.g. CMU-MOSI's sentiment score)."""
+        return str(self.info.get("task", "classification"))
 
     @property
     def streaming(self) -> bool:
@@ -200,7 +210,7 @@ class MultimodalData:
         """One line: name, sizes, modalities with kinds and shapes."""
         mods = ", ".join(f"{m}:{self.kinds[m]}{list(self.input_shape(m))}" for m in self.modalities)
         return (
-            f"{self.name}: {self.num_classes} classes, train/val/test {len(self.train)}/{len(self.val)}/{len(self.test)}, {mods}"
+            f"{self.name}: {'regression' if self.task == 'regression' else f'{self.num_classes} classes'}, train/val/test {len(self.train)}/{len(self.val)}/{len(self.test)}, {mods}"
         )
 
 

@@ -12,8 +12,11 @@ unless ``--trust-pickle`` is given, prints a warning when it is, loads it once, 
 to Arrow shards, and never unpickles anything after that (a prepared directory holds no
 pickle). Labels (``labels`` knob): ``binary`` (negative < 0 vs non-negative, the AIM
 paper's binary setting, "Acc-2 with zeros"), ``binary_nonzero`` (utterances scored 0
-dropped, MulT's protocol) or ``3class`` (negative / neutral / positive). Regression is not
-offered: the engine trains classifiers. Each modality is a (L, D) float sequence; its
+dropped, MulT's protocol), ``3class`` (negative / neutral / positive) or ``regression``: the
+continuous score itself, stored as the shards' float32 ``target`` column (the dataset's task
+is then ``"regression"``: one model output trained with the L1 loss of MulT and MISA, and
+scored with MAE, Pearson correlation, Acc-2 in both conventions, F1 and Acc-7; see
+:func:`tunebal.metrics.regression_metrics`). Each modality is a (L, D) float sequence; its
 encoder is a 3-layer Transformer whose layers are the blocks AIM modulates.
 """
 
@@ -35,14 +38,16 @@ from tunebal.knobs import Knob, knobs
 SPLITS = {"train": ("train",), "val": ("valid", "val", "dev"), "test": ("test",)}
 MODALITIES = {"text": ("text", "text_bert"), "audio": ("audio",), "vision": ("vision",)}
 CLASSES = {"binary": ["negative", "non-negative"], "binary_nonzero": ["negative", "positive"],
-           "3class": ["negative", "neutral", "positive"]}
+           "3class": ["negative", "neutral", "positive"], "regression": ["sentiment"]}
 
 
 def label_names(scores: np.ndarray, mode: str) -> list[str | None]:
     """Class name of each sentiment score; ``None`` for an utterance the mode drops."""
     out: list[str | None] = []
     for s in scores:
-        if mode == "binary":
+        if mode == "regression":  # one "class"; the score is the target
+            out.append("sentiment")
+        elif mode == "binary":
             out.append("negative" if s < 0 else "non-negative")
         elif mode == "binary_nonzero":
             out.append(None if s == 0 else ("negative" if s < 0 else "positive"))
@@ -62,7 +67,7 @@ class Mosi(Preparer):
     name = "mosi"
     knobs = knobs(
         Knob("pickle_file", "str", "", "the feature pickle under root ('' = the only *.pkl there)"),
-        Knob("labels", "str", "binary", "binary (< 0 vs >= 0), binary_nonzero (zeros dropped) or 3class",
+        Knob("labels", "str", "binary", "binary (< 0 vs >= 0), binary_nonzero (zeros dropped), 3class, or regression (the score in [-3, 3])",
              choices=tuple(CLASSES)),
         Knob("spec_dtype", "str", "float32", "stored feature dtype", choices=("float16", "float32")),
     )
@@ -109,7 +114,9 @@ class Mosi(Preparer):
             if part is None:
                 raise DataError(f"{path}: no {split} split (looked for {', '.join(keys)})")
             arrays = {m: _pick(part, names, m, path).astype(np.float32) for m, names in MODALITIES.items()}
-            scores = _pick(part, ("regression_labels", "labels"), "labels", path).reshape(len(arrays["text"]), -1)[:, 0]
+            scores = _pick(part, ("regression_labels", "labels"), "labels", path).astype(np.float32).reshape(len(arrays["text"]), -1)[:, 0]
+            if not np.all(np.isfinite(scores)):
+                raise DataError(f"{path}: {split} holds a NaN or infinite sentiment score")
             ids = part.get("id")
             ids = [f"{split}-{i:05d}" for i in range(len(scores))] if ids is None else [
                 "_".join(str(v) for v in np.asarray(x).reshape(-1)) for x in ids]
@@ -120,10 +127,13 @@ class Mosi(Preparer):
             for i, name in enumerate(label_names(scores, values["labels"])):
                 if name is None:
                     continue
-                sources = {m: arrays[m][i] for m in MODALITIES}
+                sources: dict[str, Any] = {m: arrays[m][i] for m in MODALITIES}
+                if values["labels"] == "regression":
+                    sources["target"] = float(scores[i])
                 clips.append(Clip(f"{split}/{ids[i]}", split, name, ids[i].split("[")[0].rsplit("_", 1)[0], sources))
         shapes = {m: clips[0].sources[m].shape if clips else (0, 0) for m in MODALITIES}
-        return ScanResult(clips, CLASSES[values["labels"]], notes=[f"feature shapes {shapes}"])
+        task = "regression" if values["labels"] == "regression" else "classification"
+        return ScanResult(clips, CLASSES[values["labels"]], notes=[f"feature shapes {shapes}"], task=task)
 
     def modalities(self, values: Mapping[str, Any]) -> dict[str, ModalitySpec]:
         raise NotImplementedError  # shapes come from the file: see modalities_from_scan
@@ -133,8 +143,11 @@ class Mosi(Preparer):
             raise DataError("mosi: no utterance to prepare")
         return {m: ModalitySpec("sequence", values["spec_dtype"], tuple(scan.clips[0].sources[m].shape)) for m in MODALITIES}
 
-    def decode(self, clip: Clip, values: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        return {m: np.asarray(clip.sources[m], dtype=values["spec_dtype"]) for m in MODALITIES}
+    def decode(self, clip: Clip, values: Mapping[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {m: np.asarray(clip.sources[m], dtype=values["spec_dtype"]) for m in MODALITIES}
+        if "target" in clip.sources:  # labels=regression: the row's float target
+            out["target"] = clip.sources["target"]
+        return out
 
     def trusted(self) -> "Mosi":
         out = copy.copy(self)

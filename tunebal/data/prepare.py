@@ -64,6 +64,8 @@ class ScanResult:
     notes: list[str] = field(default_factory=list)
     #: official splits as id lists over one prepared pool "all" (split -> ids, per split name)
     memberships: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    #: "regression": every decoded clip also returns a float ``target`` (stored in the shards' target column)
+    task: str = "classification"
 
 
 class Preparer:
@@ -269,6 +271,7 @@ def run_prepare(
         "shard_format": SHARD_FORMAT,
         "shard_size": shard_size,
         "memberships": scan.memberships,
+        **({"task": scan.task} if scan.task != "classification" else {}),  # old hashes unchanged
     }
     phash = params_hash(params)
     out.mkdir(parents=True, exist_ok=True)
@@ -314,7 +317,7 @@ def run_prepare(
                                          "group": clip.group, **result})
                         decoded += len(chunk)
                         meta = {"dataset": preparer.name, "split": split, "shard": k, "params_hash": phash}
-                        entry = write_shard(out / f"{name}.arrow", modalities, rows, meta)
+                        entry = write_shard(out / f"{name}.arrow", modalities, rows, meta, targets=params.get("task") == "regression")
                         done = {"entry": entry, "planned": planned, "skipped": bad, "params_hash": phash}
                         _atomic_write_text(out / f"{name}.json", json.dumps(done, indent=1))
                     entries.append(done["entry"])

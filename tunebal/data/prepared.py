@@ -198,6 +198,11 @@ def load_prepared(preparer: Preparer, values: Mapping[str, Any]) -> MultimodalDa
             )
     modalities = {m: ModalitySpec.from_json(d) for m, d in params["modalities"].items()}
     sets = {s: ShardSet(directory, info["shards"], modalities, manifest["params_hash"]) for s, info in manifest["splits"].items()}
+    task = params.get("task", "classification")  # preparations before regression have no "task": classification
+    if task not in ("classification", "regression"):
+        raise DataError(f"{directory} was prepared for task '{task}', which this tunebal cannot train; upgrade tunebal or prepare again")
+    if any((s.targets is not None) != (task == "regression") for s in sets.values()):
+        raise DataError(f"{directory}: the shards' regression targets do not match the manifest's task '{task}'; prepare again")
     decoder = ClipDecoder(modalities, values["frames"], values["image_size"], values["seed"])
     if "memberships" in manifest:  # one prepared pool, official splits as id lists (UCF-101)
         sets = _official_split(manifest, sets, values)
@@ -236,7 +241,7 @@ def load_prepared(preparer: Preparer, values: Mapping[str, Any]) -> MultimodalDa
         train=train,
         val=val,
         test=test,
-        info={"knobs": dict(values), "prepared": str(directory), "params_hash": manifest["params_hash"]},
+        info={"knobs": dict(values), "prepared": str(directory), "params_hash": manifest["params_hash"], "task": task},
         input_shapes=shapes,
         input_transforms=transforms,
     )

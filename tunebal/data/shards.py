@@ -7,6 +7,8 @@ and a ``manifest.json`` (tunebal/data/prepare.py writes both). A shard's columns
 ``id``             string             clip id (as named by the raw dataset)
 ``label``          int32              class index (``manifest.json`` has the names)
 ``group``          string             speaker / video id (for group-disjoint splits)
+``target``         float32            regression preparations only: the continuous target
+                                      (CMU-MOSI's sentiment score); covered by both digests
 ``<m>``            large_binary       modality payload: float16/float32 spectrogram
                                       ``(1, F, T)``, uint8 frames ``(n, S, S, 3)``
 ``<m>.n``          int32              frames modalities only: stored frame count n
@@ -78,10 +80,13 @@ class ModalitySpec:
         return out
 
 
-def shard_schema(modalities: Mapping[str, ModalitySpec]):
+def shard_schema(modalities: Mapping[str, ModalitySpec], targets: bool = False):
+    """The shard schema; ``targets`` adds the float32 ``target`` column of a regression preparation."""
     import pyarrow as pa
 
     fields = [("id", pa.string()), ("label", pa.int32()), ("group", pa.string())]
+    if targets:
+        fields.append(("target", pa.float32()))
     for m, spec in modalities.items():
         fields.append((m, pa.large_binary()))
         if spec.kind == "frames":
@@ -100,9 +105,17 @@ def row_digest(clip_id: str, label: int, group: str, payloads: Sequence[bytes | 
     return h.digest()
 
 
-def index_digest(ids: Sequence[str], labels: Sequence[int], groups: Sequence[str]) -> str:
-    """Digest of a shard's ids, labels and groups (recorded in the manifest, checked at open)."""
-    blob = json.dumps([list(ids), [int(v) for v in labels], list(groups)], separators=(",", ":"))
+def target_bytes(target: float) -> bytes:
+    """A regression target's digested bytes (float32, little-endian): the last payload of its row digest."""
+    return np.asarray(target, dtype="<f4").tobytes()
+
+
+def index_digest(ids: Sequence[str], labels: Sequence[int], groups: Sequence[str], targets: Sequence[float] | None = None) -> str:
+    """Digest of a shard's ids, labels and groups, and targets if it has them (recorded in the manifest, checked at open)."""
+    parts: list[Any] = [list(ids), [int(v) for v in labels], list(groups)]
+    if targets is not None:
+        parts.append([float(np.float32(v)) for v in targets])
+    blob = json.dumps(parts, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -115,15 +128,20 @@ def file_sha256(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
 
 
 def write_shard(
-    path: Path, modalities: Mapping[str, ModalitySpec], rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]
+    path: Path,
+    modalities: Mapping[str, ModalitySpec],
+    rows: Sequence[Mapping[str, Any]],
+    meta: Mapping[str, Any],
+    targets: bool = False,
 ) -> dict[str, Any]:
-    """Write ``rows`` (dicts with id, label, group and one array per modality) as one shard, atomically.
+    """Write ``rows`` (dicts with id, label, group and one array per modality; ``target`` with
+    ``targets``) as one shard, atomically.
 
     Returns the shard's manifest entry: file name, row count, bytes, file sha256, index digest.
     """
     import pyarrow as pa
 
-    schema = shard_schema(modalities).with_metadata({"tunebal_shard": json.dumps(dict(meta), sort_keys=True)})
+    schema = shard_schema(modalities, targets).with_metadata({"tunebal_shard": json.dumps(dict(meta), sort_keys=True)})
     cols: dict[str, list[Any]] = {name: [] for name in schema.names}
     for row in rows:
         payloads = []
@@ -137,6 +155,12 @@ def write_shard(
         cols["id"].append(str(row["id"]))
         cols["label"].append(int(row["label"]))
         cols["group"].append(str(row.get("group", "")))
+        if targets:
+            target = float(np.float32(row["target"]))
+            if not np.isfinite(target):
+                raise DataError(f"clip {row['id']}: regression target {row['target']!r} is not finite")
+            cols["target"].append(target)
+            payloads.append(target_bytes(target))
         cols["digest"].append(row_digest(str(row["id"]), int(row["label"]), str(row.get("group", "")), payloads))
     table = pa.table({name: pa.array(cols[name], type=schema.field(name).type) for name in schema.names}, schema=schema)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -155,7 +179,7 @@ def write_shard(
         "rows": len(rows),
         "bytes": path.stat().st_size,
         "sha256": file_sha256(path),
-        "index": index_digest(cols["id"], cols["label"], cols["group"]),
+        "index": index_digest(cols["id"], cols["label"], cols["group"], cols["target"] if targets else None),
     }
 
 
@@ -176,7 +200,8 @@ class _OpenShard:
         try:
             self._mmap = pa.memory_map(str(path), "r")
             reader = pa.ipc.open_file(self._mmap)
-            if not reader.schema.equals(shard_schema(modalities), check_metadata=False):
+            has_targets = "target" in reader.schema.names  # a regression preparation
+            if not reader.schema.equals(shard_schema(modalities, has_targets), check_metadata=False):
                 raise ValueError("unexpected schema")
             meta = json.loads((reader.schema.metadata or {}).get(b"tunebal_shard", b"{}"))
             if meta.get("params_hash") != params_hash:
@@ -193,7 +218,9 @@ class _OpenShard:
         self.ids = table.column("id").to_pylist()
         self.labels = np.asarray(table.column("label").to_numpy(), dtype=np.int64)
         self.groups = table.column("group").to_pylist()
-        if index_digest(self.ids, self.labels, self.groups) != entry["index"]:
+        #: float32 regression targets, or None for a classification preparation
+        self.targets = np.asarray(table.column("target").to_numpy(), dtype=np.float32) if has_targets else None
+        if index_digest(self.ids, self.labels, self.groups, self.targets) != entry["index"]:
             raise DataError(f"prepared shard {path}: ids/labels differ from the manifest (edited file?)")
         self._payload: dict[str, tuple[np.ndarray, Any]] = {}
         for m in modalities:
@@ -223,7 +250,10 @@ class _OpenShard:
             offsets, buf = self._payload[m]
             views[m] = memoryview(buf)[int(offsets[i]) : int(offsets[i + 1])]
         if not self._verified[i]:
-            digest = row_digest(self.ids[i], int(self.labels[i]), self.groups[i], list(views.values()))
+            payloads: list[bytes | memoryview] = list(views.values())
+            if self.targets is not None:
+                payloads.append(target_bytes(self.targets[i]))
+            digest = row_digest(self.ids[i], int(self.labels[i]), self.groups[i], payloads)
             if digest != self._digests[i].as_py():
                 raise DataError(f"prepared shard {self.path}: row {i} (clip {self.ids[i]}) fails its digest (corrupt or edited)")
             self._verified[i] = True
@@ -257,6 +287,11 @@ class ShardSet:
         self.ids = [i for s in shards for i in s.ids]
         self.labels = np.concatenate([s.labels for s in shards]) if shards else np.zeros(0, dtype=np.int64)
         self.groups = [g for s in shards for g in s.groups]
+        has = {s.targets is not None for s in shards}
+        if len(has) > 1:
+            raise DataError(f"prepared split in {self.directory} mixes shards with and without regression targets")
+        #: float32 regression targets of every row, or None (classification)
+        self.targets = (np.concatenate([s.targets for s in shards]) if shards else None) if has == {True} else None
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -291,6 +326,7 @@ class ShardSource:
     tensors (frame choice, crop, flip) and must be seeded by (dataset seed, epoch, row index)
     only, so a batch does not depend on which worker decodes it. Batches stay in the stored
     dtypes (uint8 frames, float16 spectrograms); the engine converts them on the device.
+    The labels are the int64 class indices, or the float32 targets of a regression preparation.
     """
 
     streaming = True
@@ -299,7 +335,8 @@ class ShardSource:
         self.shards = shards
         self.rows = np.asarray(rows, dtype=np.int64)
         self.decode = decode
-        self._labels = torch.from_numpy(shards.labels[self.rows].copy())
+        stored = shards.labels if shards.targets is None else shards.targets
+        self._labels = torch.from_numpy(stored[self.rows].copy())
 
     @property
     def labels(self) -> torch.Tensor:

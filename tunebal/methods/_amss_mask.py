@@ -16,6 +16,25 @@ Mask units (``find_mask_layers``)
     unmasked (they have no element-level counterpart). Encoder parameters that belong to no
     unit (a norm layer not directly after a masked layer, ``mask_norm=False``) are never masked.
 
+    **Attention heads** (AMSS §III-B: "a head-wise mask unit for Transformer"). With
+    ``unit="channel"`` an ``nn.MultiheadAttention`` with packed projections is one mask layer
+    whose units are its H heads: head h owns the rows ``s·D + h·d_h .. s·D + (h+1)·d_h`` of
+    ``in_proj_weight`` and ``in_proj_bias`` for s = 0, 1, 2 (its q, k and v slices, the layout
+    ``F.multi_head_attention_forward`` splits into heads) and the input columns
+    ``h·d_h .. (h+1)·d_h`` of ``out_proj.weight`` (the columns that read head h's output);
+    ``out_proj.bias`` belongs to no head and is never masked. Its importance is the sum of F
+    over all of those elements. ``out_proj`` is therefore not a row-unit layer of its own. The
+    LayerNorms of a Transformer layer normalise the residual stream, not the output channels of
+    the linear layer registered before them, so they are never tied. With ``unit="element"``
+    ``in_proj_weight`` is an element layer (``out_proj`` one too, as an ``nn.Linear``). An
+    attention without packed projections (kdim/vdim != embed_dim) is not masked.
+
+    **Classifier blocks** (``classifier_block``; AMSS §IV-C3 masks the classifier too): a
+    *column* layer is a block of input columns ``[a, b)`` of a head ``nn.Linear`` -- the weights
+    that read one modality's feature. Its units are the columns (feature channels of that
+    modality; ``unit="channel"``) or the block's elements (``unit="element"``); the bias is
+    shared by all modalities and never masked.
+
 Fisher importance (``layer_fisher_from_grad``, ``PerSampleFisher``)
     The paper's diagonal empirical Fisher is F_j = (1/B) Σ_i (∂ log p(y_i|x_i)/∂w_j)^2 (§III-B 2).
     ``"batch"`` uses the squared mini-batch gradient (∂L/∂w_j)^2 with L the batch-mean loss --
@@ -26,8 +45,14 @@ Fisher importance (``layer_fisher_from_grad``, ``PerSampleFisher``)
     into per-sample contributions (a_i: the layer's input for sample i, δ_i: the gradient
     reaching its output), computed from forward/gradient hooks on ``nn.Linear`` and
     ``nn.Conv2d`` layers (unfold + bmm; frames of one clip are summed first, so a "sample" is
-    a clip). Without BatchNorm coupling g_i is exactly ∂ℓ_i/∂w; with train-mode BatchNorm it
-    is sample i's share of the batch gradient. Other layer types fall back to ``"batch"``.
+    a clip). For a sequence input (B, L, D) through a linear layer, sample i's contribution is
+    summed over its L positions, g_i = B·Σ_l δ_il ⊗ a_il (tested against per-sample gradients
+    of a Transformer encoder). A module called several times in one step (the classifier, once
+    fused and once per zero-out prediction) adds the contributions of every call whose output
+    receives a gradient. Without BatchNorm coupling g_i is exactly ∂ℓ_i/∂w; with train-mode
+    BatchNorm it is sample i's share of the batch gradient. Other layer types -- among them
+    attention heads, whose packed projections run inside ``F.multi_head_attention_forward``
+    and expose no per-sample gradient -- fall back to ``"batch"``.
     A unit's importance is the sum of F over its weight (and bias) elements.
 
 Sampling (``sample_units``)
@@ -62,7 +87,12 @@ _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 @dataclass
 class MaskLayer:
-    """One masked weight and the per-unit parameters tied to it."""
+    """One masked weight and the per-unit parameters tied to it.
+
+    Kinds: output rows (``channel``), weight elements (``element``), attention heads
+    (``heads`` > 0: weight = ``in_proj_weight``, bias = ``in_proj_bias``, ``out_weight`` =
+    ``out_proj.weight``) and input-column blocks of a head linear layer (``columns``).
+    """
 
     name: str
     module: nn.Module
@@ -70,23 +100,111 @@ class MaskLayer:
     bias: nn.Parameter | None
     tied: list[nn.Parameter] = field(default_factory=list)  # norm γ/β of the same channels
     element: bool = False
+    heads: int = 0
+    out_weight: nn.Parameter | None = None
+    columns: tuple[int, int] | None = None
+
+    @property
+    def kind(self) -> str:
+        if self.heads:
+            return "head"
+        if self.columns is not None:
+            return "column_element" if self.element else "column"
+        return "element" if self.element else "channel"
+
+    @property
+    def head_dim(self) -> int:
+        return self.weight.shape[0] // (3 * self.heads)
 
     @property
     def units(self) -> int:
         """C_l: mask units of this layer."""
+        if self.heads:
+            return self.heads
+        if self.columns is not None:
+            width = self.columns[1] - self.columns[0]
+            return width * self.weight.shape[0] if self.element else width
         return self.weight.numel() if self.element else self.weight.shape[0]
 
     def unit_view(self, values: torch.Tensor) -> torch.Tensor:
-        """Per-unit values broadcastable against the weight."""
+        """Per-unit values broadcastable against the weight (row and element layers)."""
         if self.element:
             return values.view(self.weight.shape)
         return values.view(-1, *([1] * (self.weight.dim() - 1)))
 
     def parameters(self) -> list[nn.Parameter]:
+        """Every parameter some of whose entries belong to a unit of this layer."""
+        if self.heads:
+            return [p for p in (self.weight, self.bias, self.out_weight) if p is not None]
         out = [self.weight]
-        if not self.element:
+        if not self.element and self.columns is None:
             out += ([self.bias] if self.bias is not None else []) + self.tied
         return out
+
+    def fisher_parameters(self) -> list[nn.Parameter]:
+        """The parameters whose squared gradients make a unit's importance (norms excluded)."""
+        if self.heads:
+            return self.parameters()
+        if self.element or self.columns is not None or self.bias is None:
+            return [self.weight]
+        return [self.weight, self.bias]
+
+    def _head_views(self, tensors: list[torch.Tensor | None]) -> list[tuple[torch.Tensor, tuple[int, ...]]]:
+        """(view, dims to reduce) of in_proj weight/bias and out_proj weight with heads on dim 1."""
+        h, d = self.heads, self.head_dim
+        out = []
+        for t, kind in zip(tensors, ("w", "b", "o")):
+            if t is None:
+                continue
+            if kind == "w":  # (3D, D) -> (3, H, d_h, D): q/k/v, head, row in head, input
+                out.append((t.view(3, h, d, -1), (0, 2, 3)))
+            elif kind == "b":  # (3D,) -> (3, H, d_h)
+                out.append((t.view(3, h, d), (0, 2)))
+            else:  # out_proj.weight (E, D) -> (E, H, d_h): input columns of head h
+                out.append((t.view(t.shape[0], h, d), (0, 2)))
+        return out
+
+    def unit_square_sums(self, grads: list[torch.Tensor | None]) -> torch.Tensor | None:
+        """Σ over each unit's elements of the squared ``grads`` (given in ``fisher_parameters`` order)."""
+        if not grads or grads[0] is None:
+            return None
+        sq = [None if g is None else g.detach().float().square() for g in grads]
+        if self.heads:
+            views = self._head_views([sq[0], sq[1] if self.bias is not None else None, sq[-1] if self.out_weight is not None else None])
+            return sum(v.sum(dim=dims) for v, dims in views)
+        if self.columns is not None:
+            block = sq[0][:, self.columns[0] : self.columns[1]]
+            return block.reshape(-1) if self.element else block.sum(dim=0)
+        if self.element:
+            return sq[0].reshape(-1)
+        fisher = sq[0].reshape(sq[0].shape[0], -1).sum(dim=1)
+        if len(sq) > 1 and sq[1] is not None:
+            fisher = fisher + sq[1]
+        return fisher
+
+    def scale_gradients(self, scale: torch.Tensor) -> None:
+        """Multiply every unit's gradient entries by its ``scale`` (0: masked)."""
+        if self.heads:
+            grads = [self.weight.grad, None if self.bias is None else self.bias.grad,
+                     None if self.out_weight is None else self.out_weight.grad]
+            for view, dims in self._head_views(grads):
+                shape = [1] * view.dim()
+                shape[1] = self.heads
+                view.mul_(scale.view(shape).to(view.dtype))
+            return
+        grad = self.weight.grad
+        if grad is None:
+            return
+        if self.columns is not None:
+            a, b = self.columns
+            block = grad[:, a:b]
+            block.mul_((scale.view(grad.shape[0], b - a) if self.element else scale.view(1, -1)).to(grad.dtype))
+            return
+        grad.mul_(self.unit_view(scale).to(grad.dtype))
+        if not self.element:
+            for param in ([self.bias] if self.bias is not None else []) + self.tied:
+                if param.grad is not None:
+                    param.grad.mul_(scale.to(param.grad.dtype))
 
 
 def _norm_params(module: nn.Module, channels: int) -> list[nn.Parameter]:
@@ -102,13 +220,31 @@ def find_mask_layers(encoder: nn.Module, unit: str = "channel", mask_norm: bool 
         raise ValueError(f"unknown mask unit {unit!r}")
     layers: list[MaskLayer] = []
     last: MaskLayer | None = None
+    skip: set[int] = set()  # out_proj of a head-unit attention: its columns belong to the heads
+    residual_norms = {  # a Transformer layer's norms act on the residual stream: never tied
+        id(n) for t in encoder.modules() if isinstance(t, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
+        for n in t.modules() if isinstance(n, _NORMS)
+    }
     for name, module in encoder.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            last = None
+            packed = module._qkv_same_embed_dim and module.in_proj_weight is not None
+            if packed and unit == "channel":
+                layers.append(MaskLayer(f"{prefix}{name}", module, module.in_proj_weight, module.in_proj_bias,
+                                        heads=module.num_heads, out_weight=module.out_proj.weight))
+                skip.add(id(module.out_proj))
+            elif packed:
+                layers.append(MaskLayer(f"{prefix}{name}", module, module.in_proj_weight, None, element=True))
+            continue
+        if id(module) in skip:
+            last = None
+            continue
         own = [p for p in module.parameters(recurse=False)]
         if not own:
             continue
         weight = getattr(module, "weight", None)
         if isinstance(module, _NORMS):
-            if last is not None and unit == "channel" and mask_norm:
+            if last is not None and unit == "channel" and mask_norm and id(module) not in residual_norms:
                 last.tied = _norm_params(module, last.weight.shape[0])
             last = None
             continue
@@ -122,6 +258,13 @@ def find_mask_layers(encoder: nn.Module, unit: str = "channel", mask_norm: bool 
     return layers
 
 
+def classifier_block(name: str, linear: nn.Linear, start: int, stop: int, unit: str = "channel") -> MaskLayer:
+    """The input columns ``[start, stop)`` of a head linear layer (one modality's classifier part) as a mask layer."""
+    if unit not in ("channel", "element"):
+        raise ValueError(f"unknown mask unit {unit!r}")
+    return MaskLayer(name, linear, linear.weight, None, element=(unit == "element"), columns=(start, stop))
+
+
 def layer_fisher_from_grad(layer: MaskLayer, grads: dict[nn.Parameter, torch.Tensor] | None = None) -> torch.Tensor | None:
     """Unit importance from the squared mini-batch gradient (the ``"batch"`` estimator).
 
@@ -129,29 +272,22 @@ def layer_fisher_from_grad(layer: MaskLayer, grads: dict[nn.Parameter, torch.Ten
     Returns None when the weight has no gradient.
     """
     get = (lambda p: p.grad) if grads is None else (lambda p: grads.get(p))
-    g = get(layer.weight)
-    if g is None:
-        return None
-    sq = g.detach().float().square()
-    if layer.element:
-        return sq.reshape(-1)
-    fisher = sq.reshape(sq.shape[0], -1).sum(dim=1)
-    if layer.bias is not None and get(layer.bias) is not None:
-        fisher = fisher + get(layer.bias).detach().float().square()
-    return fisher
+    return layer.unit_square_sums([get(p) for p in layer.fisher_parameters()])
 
 
 class PerSampleFisher:
     """Diagonal empirical Fisher per unit from per-sample gradient contributions (hooks).
 
-    Forward hooks keep each supported layer's input (already saved by autograd, so no copy);
-    a tensor hook on the layer's output keeps the gradient reaching it while ``capture`` is on.
+    A forward hook on each supported layer puts a tensor hook on its output; while ``capture``
+    is on, that hook appends the call's input (already saved by autograd, so no copy) and the
+    gradient reaching the output to ``inputs[idx]`` / ``grads[idx]`` (one pair per call whose
+    output receives a gradient).
     """
 
     def __init__(self, layers: list[MaskLayer]) -> None:
         self.capture = False
-        self.inputs: dict[int, torch.Tensor] = {}
-        self.grads: dict[int, torch.Tensor] = {}
+        self.inputs: dict[int, list[torch.Tensor]] = {}
+        self.grads: dict[int, list[torch.Tensor]] = {}
         self.handles = []
         self.supported: set[int] = set()
         for idx, layer in enumerate(layers):
@@ -174,11 +310,12 @@ class PerSampleFisher:
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             if not (module.training and torch.is_grad_enabled() and output.requires_grad):
                 return
-            self.inputs[idx] = inputs[0]
+            a = inputs[0]
 
             def keep_grad(grad: torch.Tensor) -> None:
                 if self.capture:
-                    self.grads[idx] = grad
+                    self.inputs.setdefault(idx, []).append(a)
+                    self.grads.setdefault(idx, []).append(grad)
 
             output.register_hook(keep_grad)
 
@@ -197,29 +334,37 @@ class PerSampleFisher:
         """F per unit of layer ``idx`` from the captured input/gradient; None if not captured."""
         if idx not in self.grads or idx not in self.inputs:
             return None
-        a, g = self.inputs[idx].detach().float(), self.grads[idx].detach().float()
-        module = layer.module
-        rows = a.shape[0]
-        if isinstance(module, nn.Linear):
-            a = a.reshape(rows, -1, a.shape[-1])
-            g = g.reshape(rows, -1, g.shape[-1])
-            if layer.bias is not None:
-                a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], dim=2)
-            per_row = torch.einsum("rlo,rli->roi", g, a)  # (R, C_out, C_in[+1])
-        else:  # Conv2d
-            cols = F.unfold(a, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
-            g = g.reshape(rows, g.shape[1], -1)  # (R, C_out, L)
-            per_row = torch.bmm(g, cols.transpose(1, 2))  # (R, C_out, C_in*k*k)
-            if layer.bias is not None:
-                per_row = torch.cat([per_row, g.sum(dim=2, keepdim=True)], dim=2)
+        per_row = sum(self._per_row(layer.module, a.detach().float(), g.detach().float(), layer.bias is not None)
+                      for a, g in zip(self.inputs[idx], self.grads[idx]))
+        rows = per_row.shape[0]
         if rows != batch_size and rows % batch_size == 0:  # frames folded into the batch: sum per clip
             per_row = per_row.reshape(batch_size, rows // batch_size, *per_row.shape[1:]).sum(dim=1)
         # g_i = B·(a_i ⊗ δ_i) because the loss is the batch mean: F = (1/B) Σ_i g_i^2 (C_out, P)
         fisher = per_row.square().mean(dim=0) * float(batch_size) ** 2
+        if layer.columns is not None:  # a classifier block: its input columns
+            block = fisher[:, layer.columns[0] : layer.columns[1]]
+            return block.reshape(-1) if layer.element else block.sum(dim=0)
         if layer.element:
             n_w = layer.weight[0].numel()
             return fisher[:, :n_w].reshape(-1)
         return fisher.sum(dim=1)
+
+    @staticmethod
+    def _per_row(module: nn.Module, a: torch.Tensor, g: torch.Tensor, bias: bool) -> torch.Tensor:
+        """(R, C_out, P): each row's share Σ_positions δ ⊗ a of the weight (+ bias column) gradient."""
+        rows = a.shape[0]
+        if isinstance(module, nn.Linear):  # (R, ..., C): a sequence's positions are summed per row
+            a = a.reshape(rows, -1, a.shape[-1])
+            g = g.reshape(rows, -1, g.shape[-1])
+            if bias:
+                a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], dim=2)
+            return torch.einsum("rlo,rli->roi", g, a)  # (R, C_out, C_in[+1])
+        cols = F.unfold(a, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
+        g = g.reshape(rows, g.shape[1], -1)  # (R, C_out, L)
+        per_row = torch.bmm(g, cols.transpose(1, 2))  # (R, C_out, C_in*k*k)
+        if bias:
+            per_row = torch.cat([per_row, g.sum(dim=2, keepdim=True)], dim=2)
+        return per_row
 
 
 def importance_weights(fisher: torch.Tensor) -> torch.Tensor:

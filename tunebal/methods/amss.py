@@ -52,11 +52,30 @@ Every training step (all tensors, no host sync):
    wise mask unit for CNN": a conv's output filter, a linear layer's output row, with its bias
    entry and, with ``mask_norm``, the γ/β of the BatchNorm that follows it -- a channel that is
    not updated is not updated at all; the release masks only the stage convs' filters, i.e.
-   ``mask_norm=False``) or ``element`` (every weight element; biases/norms unmasked). The
-   importance of a channel is the sum of F over its weight (and bias) elements. Fusion and
-   classifier parameters are never masked. Masking acts on the gradient, as Eq. 1 and the
+   ``mask_norm=False``; in a Transformer encoder an attention layer's unit is a *head*: its
+   q/k/v rows of the packed in-projection and its columns of the out-projection, §III-B
+   "head-wise mask unit for Transformer", see :mod:`tunebal.methods._amss_mask`) or ``element``
+   (every weight element; biases/norms unmasked). The importance of a unit is the sum of F
+   over its weight (and bias) elements. Masking acts on the gradient, as Eq. 1 and the
    release do: with SGD momentum or weight decay a masked unit still moves by its momentum
    buffer and decay.
+
+   **Which parts** (knob ``mask_parts``): the paper masks the backbone *and the classifier*
+   (§IV-C3, "we implement the adaptive subnetwork masking strategy independently for the
+   classifier and the backbone network"; its Table VII: on Kinetics-Sounds backbone-only
+   66.68 / classifier-only 65.37 / both 68.96 accuracy for AMSS, 69.15 / 66.80 / 72.25 for
+   AMSS+), so ``both`` is the default; ``backbone`` (tunebal's behaviour before this knob) and
+   ``classifier`` are the table's ablation rows. Modality k's
+   classifier part is the head weights that read its feature: with concat fusion the columns
+   of the linear classifier that multiply z^k (the paper's "feature concatenation of a single
+   fully connected layer (considered decoupled)"); with sum and gated fusion the input columns
+   of the fusion's projection of z^k; with FiLM the classifier columns of each modulated
+   modality and the input columns of the FiLM generator for the conditioning (last) one. Its
+   units are those columns (feature channels of z^k; ``mask_unit=channel``) or the block's
+   elements (``element``); the classifier's bias is shared by the modalities and never
+   masked, nor is any other fusion parameter. The classifier part is drawn *independently*
+   of the backbone (its own ⌈p^k·N⌉ of its own N units, same p^k, importance normalised over
+   the block), after all backbone draws.
 
 6. **AMSS+** (Eq. 5-6, §III-C): every selected unit's gradient (weight, bias, tied norm) is
    scaled by 1/(π_j + a), so that E[masked gradient] = full gradient for a = 0. π_j is the
@@ -70,8 +89,9 @@ Every training step (all tensors, no host sync):
    C_l = the units of the unit's own layer (``plus_a`` = 1: the paper; 0: exact Horvitz-
    Thompson, unbounded weights). With a > 0, E[ĝ_j] = g_j·E[π_j/(π_j + a)] (slightly shrunk).
 
-Compatibility: every fusion (only encoder parameters are masked) and M >= 2 (with M = 1,
-Eq. 4 gives p = 0). Logged per modality every epoch (``method/``): ``xi_<m>``, ``mi_<m>``
+Compatibility: every fusion and M >= 2 (with M = 1, Eq. 4 gives p = 0); classification only
+(``regression_refusal``: the significance and the Fisher are class log-likelihoods).
+Logged per modality every epoch (``method/``): ``xi_<m>``, ``mi_<m>``
 (the floored Barber-Agakov bound), ``hx_<m>``, ``u_<m>`` and ``p_<m>``. State for resume:
 u (and the RNGs, saved by the base class).
 """
@@ -88,6 +108,7 @@ from tunebal.knobs import Knob, knobs
 from tunebal.methods._amss_mask import (
     MaskLayer,
     PerSampleFisher,
+    classifier_block,
     find_mask_layers,
     importance_weights,
     layer_fisher_from_grad,
@@ -108,7 +129,8 @@ CLAMP_LOW, CLAMP_HIGH = 0.1, 0.9
 AMSS_KNOBS = knobs(
     Knob("tau", "float", 0.2, "temperature τ of the update ratio (Eq. 4); paper sweeps 0.1-4, 0.2 best on KS", low=0.01, high=100.0, log=True),
     Knob("ms_momentum", "float", 0.9, "momentum λ of the modal significance (Eq. 3); the release has none (0)", low=0.0, high=0.999),
-    Knob("mask_unit", "str", "channel", "mask unit: conv output channel / linear output row (+bias, +norm) | weight element", choices=("channel", "element")),
+    Knob("mask_unit", "str", "channel", "mask unit: conv output channel / linear output row (+bias, +norm) / attention head / classifier column | weight element", choices=("channel", "element")),
+    Knob("mask_parts", "str", "both", "mask the backbone and the classifier (paper, Table VII) | backbone only | classifier only (its ablations)", choices=("both", "backbone", "classifier")),
     Knob("scope", "str", "modality", "draw ⌈p·N⌉ units from the whole encoder (paper) | ⌈p·C_l⌉ per layer (release)", choices=("modality", "layer")),
     Knob("clamp", "bool", False, "clamp the update ratio p to [0.1, 0.9] (release; off in the paper)"),
     Knob("mask_norm", "bool", True, "channel units include the γ/β of the norm layer that follows (release: false)"),
@@ -161,6 +183,33 @@ def update_ratios(u: torch.Tensor, tau: float, clamp: bool = False) -> torch.Ten
     return p.clamp(CLAMP_LOW, CLAMP_HIGH) if clamp else p
 
 
+def classifier_parts(model: torch.nn.Module, unit: str = "channel") -> dict[str, list[MaskLayer]]:
+    """Per modality, the head weights that read its feature (the paper's classifier mask, §IV-C3).
+
+    concat: the classifier's columns over z^k; sum / gated: the input columns of the fusion's
+    projection of z^k; FiLM: the classifier's columns over each modulated modality's block and
+    the FiLM generator's input columns for the conditioning (last) modality. Biases are shared
+    by the modalities and stay unmasked.
+    """
+    from tunebal.models.fusion import ConcatFusion, FiLMFusion, GatedFusion, SumFusion
+
+    mods = list(model.modalities)
+    dims = [model.encoders[m].out_dim for m in mods]
+    fusion, classifier = model.fusion, model.classifier
+    offsets = [sum(dims[:k]) for k in range(len(dims) + 1)]
+    out: dict[str, list[MaskLayer]] = {}
+    for k, m in enumerate(mods):
+        if isinstance(fusion, ConcatFusion) or (isinstance(fusion, FiLMFusion) and k < len(mods) - 1):
+            out[m] = [classifier_block(f"{m}/classifier", classifier, offsets[k], offsets[k + 1], unit)]
+        elif isinstance(fusion, (SumFusion, GatedFusion)):
+            out[m] = [classifier_block(f"{m}/fusion.proj.{k}", fusion.proj[k], 0, dims[k], unit)]
+        elif isinstance(fusion, FiLMFusion):
+            out[m] = [classifier_block(f"{m}/fusion.film", fusion.film, 0, dims[k], unit)]
+        else:
+            raise ConfigError(f"AMSS classifier masking does not know fusion {type(fusion).__name__}; use mask_parts=backbone")
+    return out
+
+
 # --------------------------------------------------------------------------- the methods
 
 
@@ -169,6 +218,8 @@ class AMSS(Method):
     name = "amss"
     description = "AMSS: update a Fisher-sampled subnetwork whose size falls with modal significance (AMSS (TPAMI 2025) §III-B)"
     KNOBS = AMSS_KNOBS
+    regression_refusal = ("its modal significance (AMSS, Eq. 2) is a Barber-Agakov bound over class log-likelihoods "
+                          "and the label entropy H(Y), and its Fisher importance uses log p(ŷ|x) of the true class")
     #: AMSS+ rescales the kept units by 1/(π + a)
     unbiased = False
 
@@ -197,17 +248,31 @@ class AMSS(Method):
         self.attach(engine.model)
 
     def attach(self, model: torch.nn.Module) -> None:
-        """Find the mask units of every encoder (and hook them for per-sample Fisher)."""
-        unit, mask_norm = self.knobs["mask_unit"], self.knobs["mask_norm"]
+        """Find the mask units of every encoder and classifier part (and hook them for per-sample Fisher).
+
+        ``layers[m]`` are modality m's encoder layers, ``classifier_layers[m]`` its classifier
+        part (empty unless ``mask_parts`` includes it); ``_groups`` lists the independent draws
+        of a step in order: every modality's backbone, then every modality's classifier part.
+        """
+        unit, mask_norm, parts = self.knobs["mask_unit"], self.knobs["mask_norm"], self.knobs["mask_parts"]
         flat: list[MaskLayer] = []
+        self._groups: list[tuple[int, list[MaskLayer], list[int]]] = []
         self._encoders = {m: model.encoders[m] for m in self.modalities}
-        for m in self.modalities:
+        self.classifier_layers = classifier_parts(model, unit) if parts != "backbone" else {m: [] for m in self.modalities}
+        for k, m in enumerate(self.modalities):
             layers = find_mask_layers(model.encoders[m], unit, mask_norm, prefix=f"{m}/")
             if not layers:
                 raise ConfigError(f"method '{self.name}': the {m} encoder has no conv/linear layer to mask")
-            self._layer_index[m] = list(range(len(flat), len(flat) + len(layers)))
             self.layers[m] = layers
-            flat += layers
+            if parts != "classifier":
+                self._layer_index[m] = list(range(len(flat), len(flat) + len(layers)))
+                self._groups.append((k, layers, self._layer_index[m]))
+                flat += layers
+        for k, m in enumerate(self.modalities):
+            if self.classifier_layers[m]:
+                part = self.classifier_layers[m]
+                self._groups.append((k, part, list(range(len(flat), len(flat) + len(part)))))
+                flat += part
         self._flat = flat
         if self.knobs["fisher"] == "per_sample":
             self.per_sample = PerSampleFisher(flat)
@@ -234,9 +299,9 @@ class AMSS(Method):
         if self.per_sample is not None:
             self.per_sample.capture = False
         assert self.p is not None
-        for k, m in enumerate(self.modalities):
-            fishers = [self._fisher(idx, layer, ctx.labels.shape[0]) for idx, layer in zip(self._layer_index[m], self.layers[m])]
-            self.mask_modality(self.layers[m], fishers, self.p[k])
+        for k, layers, indices in self._groups:  # backbones first, then classifier parts (independent draws)
+            fishers = [self._fisher(idx, layer, ctx.labels.shape[0]) for idx, layer in zip(indices, layers)]
+            self.mask_modality(layers, fishers, self.p[k])
         if self.per_sample is not None:
             self.per_sample.clear()
         self._unimodal_grads = None
@@ -268,7 +333,7 @@ class AMSS(Method):
         """
         uni = ctx.unimodal_logits()
         loss = sum(F.cross_entropy(uni[m].float(), ctx.labels) for m in self.modalities)
-        params = [p for layer in self._flat for p in (layer.weight, layer.bias) if p is not None]
+        params = list({id(p): p for layer in self._flat for p in layer.fisher_parameters()}.values())
         if self.per_sample is not None:
             self.per_sample.capture = True
         grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
@@ -307,11 +372,7 @@ class AMSS(Method):
             a = self._pooled_a(sizes, pi.device) if self.unbiased else 0.0
             scales = list(torch.split(self._unit_scale(selected, pi, a), sizes))
         for (layer, _), scale in zip(live, scales):
-            layer.weight.grad.mul_(layer.unit_view(scale).to(layer.weight.grad.dtype))
-            if not layer.element:
-                for param in ([layer.bias] if layer.bias is not None else []) + layer.tied:
-                    if param.grad is not None:
-                        param.grad.mul_(scale.to(param.grad.dtype))
+            layer.scale_gradients(scale)
 
     def _pooled_a(self, sizes: list[int], device: torch.device) -> torch.Tensor:
         """a = plus_a / C_l for every unit of a pooled (scope=modality) draw, cached."""

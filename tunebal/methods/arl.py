@@ -115,6 +115,7 @@ def arl_coefficients(Q: torch.Tensor, D: torch.Tensor, T: float) -> torch.Tensor
 class ARL(MultimodalOnly):
     name = "arl"
     description = "ARL: asymmetric (1+a) encoder gradients from inverse entropy vs dependency, plus unimodal CE (ARL (ICCV 2025) §3.2)"
+    regression_refusal = "its coefficients (ARL, Eq. 18) are built on softmax scores of the true class and prediction entropies"
     KNOBS = ARL_KNOBS
 
     def __init__(self, values, modalities, num_classes, seed) -> None:

@@ -98,6 +98,9 @@ class Method:
     supported_fusions: ClassVar[tuple[str, ...] | None] = None
     #: ask the engine to keep every block's input I_d (AIM)
     needs_block_inputs: ClassVar[bool] = False
+    #: why the method cannot train a regression target (a dataset whose ``task`` is
+    #: "regression", e.g. CMU-MOSI with labels=regression); None: it can, with :meth:`supervised_loss`
+    regression_refusal: ClassVar[str | None] = "it is defined for classification only"
 
     def __init__(self, values: dict[str, Any], modalities: tuple[str, ...], num_classes: int, seed: int) -> None:
         self.knobs = values
@@ -107,6 +110,8 @@ class Method:
         self.rng = torch.Generator().manual_seed(seed + 7919)
         self.device_rng: torch.Generator = self.rng
         self.epoch_means = EpochMeans()
+        #: set by the engine before ``setup``: the targets are float scores and the head has one output
+        self.regression = False
 
     # --- compatibility -------------------------------------------------------------------
     @classmethod
@@ -118,6 +123,13 @@ class Method:
             )
         if cls.supported_fusions is not None and fusion not in cls.supported_fusions:
             raise ConfigError(f"method '{cls.name}' supports fusion {list(cls.supported_fusions)}, got '{fusion}'")
+
+    @classmethod
+    def check_task(cls, task: str, dataset: str) -> None:
+        """Raise ConfigError when the method cannot train the dataset's task (``regression_refusal``)."""
+        if task == "regression" and cls.regression_refusal:
+            raise ConfigError(f"method '{cls.name}' cannot train {dataset}'s regression target: {cls.regression_refusal}; "
+                              "use a classification preparation (e.g. --data labels=binary)")
 
     # --- overridable step and prediction ----------------------------------------------------
     def train_step(self, engine: "Engine", inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> StepContext:
@@ -144,10 +156,17 @@ class Method:
         assert ctx.encoded is not None
         return dict(ctx.encoded.features)
 
+    def supervised_loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of logits against class indices (AIM, Eq. 2); for a regression target the
+        L1 loss of the single output against the score (MulT's and MISA's CMU-MOSI loss)."""
+        if self.regression:
+            return F.l1_loss(output.float().squeeze(1), labels)
+        return F.cross_entropy(output, labels)
+
     def loss(self, ctx: StepContext) -> torch.Tensor:
-        """Training loss; plain cross-entropy of the fused prediction (AIM, Eq. 2)."""
+        """Training loss; plain cross-entropy of the fused prediction (AIM, Eq. 2), or L1 for regression."""
         assert ctx.logits is not None
-        return F.cross_entropy(ctx.logits, ctx.labels)
+        return self.supervised_loss(ctx.logits, ctx.labels)
 
     def after_backward(self, ctx: StepContext) -> None:
         pass

@@ -13,3 +13,4 @@ from tunebal.methods.registry import register_method
 class Baseline(Method):
     name = "baseline"
     description = "joint training with cross-entropy (no balancing)"
+    regression_refusal = None  # L1 on the fused output

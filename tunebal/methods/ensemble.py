@@ -7,6 +7,7 @@ prediction, with no fused loss, so no modality can suppress another. With concat
 modalities' head blocks W_m are disjoint; they share only the bias b (documented coupling;
 it carries no modality's information). Evaluation scores the average of the modalities'
 class probabilities (returned as its log, so argmax, CE and mAP read it like logits).
+For a regression target each modality's output is trained with L1 and the outputs are averaged.
 """
 
 from __future__ import annotations
@@ -32,9 +33,12 @@ class UnimodalEnsemble(Method):
     name = "ensemble"
     description = "unimodal ensemble: each modality trained on its own CE, probabilities averaged at evaluation"
     supported_fusions = ("concat",)
+    regression_refusal = None  # Σ_m L1(p^m, y); the unimodal outputs are averaged
 
     def loss(self, ctx: StepContext) -> torch.Tensor:
-        return sum(F.cross_entropy(lg, ctx.labels) for lg in ctx.unimodal_logits().values())
+        return sum(self.supervised_loss(lg, ctx.labels) for lg in ctx.unimodal_logits().values())
 
     def eval_logits(self, model: MultimodalModel, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.regression:
+            return torch.stack(list(model.unimodal_logits(features).values())).mean(dim=0)
         return average_probabilities(model.unimodal_logits(features))

@@ -75,6 +75,7 @@ OGM_KNOBS = knobs(
 class OGM(MultimodalOnly):
     name = "ogm"
     description = "OGM-GE: scale the dominant encoder's gradient by k(ρ) plus Gaussian noise (OPM/OGM (TPAMI 2024) §3.2.2)"
+    regression_refusal = "its discrepancy ratio (OPM/OGM (TPAMI 2024), Eq. 7) is built on softmax scores of the true class"
     KNOBS = OGM_KNOBS
 
     def __init__(self, values, modalities, num_classes, seed) -> None:

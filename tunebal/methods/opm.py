@@ -62,6 +62,7 @@ OPM_KNOBS = knobs(
 class OPM(MultimodalOnly):
     name = "opm"
     description = "OPM: drop the dominant modality's feature with probability q(ρ) before fusion (OPM/OGM (TPAMI 2024) §3.2.1)"
+    regression_refusal = "its discrepancy ratio (OPM/OGM (TPAMI 2024), Eq. 7) is built on softmax scores of the true class"
     KNOBS = OPM_KNOBS
 
     def __init__(self, values, modalities, num_classes, seed) -> None:

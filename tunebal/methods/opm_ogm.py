@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
 class OPMOGM(MultimodalOnly):
     name = "opm_ogm"
     description = "OPM + OGM-GE together (OPM/OGM (TPAMI 2024) Table 12)"
+    regression_refusal = "its discrepancy ratio (OPM/OGM (TPAMI 2024), Eq. 7) is built on softmax scores of the true class"
     KNOBS = OPM.KNOBS + OGM.KNOBS
 
     def __init__(self, values, modalities, num_classes, seed) -> None:

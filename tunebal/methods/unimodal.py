@@ -30,6 +30,7 @@ class Unimodal(Method):
     name = "unimodal"
     description = "one modality alone (the others zeroed at the fusion input): the unimodal baseline"
     KNOBS = knobs(Knob("modality", "str", "", "the modality trained and evaluated alone (required, e.g. audio)"))
+    regression_refusal = None  # L1 on the one modality's output
 
     def __init__(self, values, modalities, num_classes, seed) -> None:
         super().__init__(values, modalities, num_classes, seed)

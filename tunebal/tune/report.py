@@ -176,9 +176,14 @@ def print_summary(summary: Mapping[str, Any], columns: list[str]) -> None:
     else:
         test = best["test"]
         per_mod = "  ".join(f"{k[len('test/'):]}={v:.4f}" for k, v in test.items() if k.startswith("test/acc_"))
+        if "test/mae" in test:  # a regression target (CMU-MOSI's score): acc is Acc-2 with zeros
+            scores = (f"test Acc-2 {test['test/acc']:.4f} (non-zero {test['test/acc2_nonzero']:.4f})  F1 {test['test/f1']:.4f}  "
+                      f"Acc-7 {test['test/acc7']:.4f}  MAE {test['test/mae']:.4f}  corr {test['test/corr']:.4f}")
+        else:
+            scores = f"test acc {test['test/acc']:.4f}  macro-F1 {test['test/macro_f1']:.4f}  mAP {test['test/map']:.4f}"
         print(
             f"best trial {best['trial']} (epoch {test['epoch']}, val acc {best['val'].get(METRIC, float('nan')):.4f}): "
-            f"test acc {test['test/acc']:.4f}  macro-F1 {test['test/macro_f1']:.4f}  mAP {test['test/map']:.4f}  {per_mod}"
+            f"{scores}  {per_mod}"
         )
     print(f"experiment: {summary['experiment']}")
     print(f"summary:    {summary['experiment']}/summary.json, trials.csv")

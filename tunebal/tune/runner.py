@@ -151,6 +151,7 @@ def prepare(opts: SearchOptions) -> dict[str, Any]:
     fusion = space.get("fusion", "concat")
     for choice in getattr(fusion, "categories", [fusion]):
         method_cls.check_compatible(len(data.modalities), choice)
+    method_cls.check_task(data.task, data.name)  # e.g. a balancing method on a regression target
     if opts.name is None:
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         opts.name = f"{opts.method}-{opts.dataset}-{stamp}"

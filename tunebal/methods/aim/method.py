@@ -169,6 +169,7 @@ AUX_FORMS = ("factorised", "direct")
 class AIM(Method):
     name = "aim"
     description = "Adaptive Intra-Network Modulation: DAP + parameter- and depth-adaptive modulation (AIM, Algorithm 1)"
+    regression_refusal = "its depth-adaptive prototypes and performance scores (AIM, Eq. 3-9) are per-class softmax scores"
     needs_block_inputs = True
     KNOBS = knobs(
         Knob("start_epoch", "int", 2, "E: first epoch of modulation; before it CE + L_pam and DAP fitting", low=0, high=10000),
