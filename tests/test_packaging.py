@@ -1,4 +1,5 @@
-"""A wheel built from the project carries every module and every search space, and runs outside a checkout."""
+"""A wheel built from the project carries every module and every search space (package data read
+with importlib.resources), and runs outside a checkout."""
 
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ def test_wheel_contents_and_a_non_editable_install_finds_the_spaces(tmp_path):
     modules = {str(p.relative_to(ROOT)) for p in (ROOT / "tunebal").rglob("*.py")}
     assert modules <= names, sorted(modules - names)
     spaces = sorted(p.name for p in (ROOT / "search_spaces").glob("*.yaml"))
-    shipped = sorted(Path(n).name for n in names if "/share/tunebal/search_spaces/" in n)
+    shipped = sorted(Path(n).name for n in names if n.startswith("tunebal/search_spaces/"))
     assert spaces and shipped == spaces
+    assert not any("/share/" in n for n in names)  # inside the package, not loose data files
 
     # a separate virtual environment, so the project's own (editable) install is never touched
     env = tmp_path / "env"
@@ -41,4 +43,4 @@ def test_wheel_contents_and_a_non_editable_install_finds_the_spaces(tmp_path):
     out = subprocess.run([str(python), "-c", code, str(site)], cwd=tmp_path,
                          env={**os.environ, "PYTHONPATH": os.pathsep.join(deps)},
                          check=True, timeout=120, capture_output=True, text=True)
-    assert out.stdout.strip() == str(env / "share" / "tunebal" / "search_spaces" / "aim.yaml")
+    assert out.stdout.strip() == str(site / "tunebal" / "search_spaces" / "aim.yaml")

@@ -8,7 +8,7 @@ from ray.tune.search.sample import Categorical, Float, Integer
 
 from tunebal.errors import ConfigError
 from tunebal.methods import METHODS
-from tunebal.tune.spaces import SPACES_DIR, apply_overrides, load_space, parse_space
+from tunebal.tune.spaces import apply_overrides, spaces_dir, load_space, parse_space
 
 
 def _parse(space, method="baseline", max_epochs=10):
@@ -82,7 +82,7 @@ def test_overrides_are_checked_like_the_space():
 
 
 def test_every_shipped_space_loads_and_names_a_registered_method():
-    files = sorted(SPACES_DIR.glob("*.yaml"))
+    files = sorted(spaces_dir().glob("*.yaml"))
     assert files, "no search spaces shipped"
     for file in files:
         method = yaml.safe_load(file.read_text())["method"]

@@ -32,27 +32,21 @@ from tunebal.errors import ConfigError
 from tunebal.knobs import Knob, KnobSet
 from tunebal.methods import get_method_class
 
-SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"  # a checkout or an editable install
+def spaces_dir() -> Path:
+    """The shipped search spaces: package data ``tunebal/search_spaces/*.yaml`` read with
+    importlib.resources (in a checkout, a symlink to the top-level ``search_spaces/``)."""
+    from importlib.resources import files
+
+    return Path(str(files("tunebal") / "search_spaces"))
 
 
-def spaces_dirs() -> list[Path]:
-    """Where the shipped spaces are: the checkout's ``search_spaces/``, else the wheel's data
-    files (``<prefix>/share/tunebal/search_spaces``, pyproject ``data-files``)."""
-    import sys
-
-    here = Path(__file__).resolve().parents  # <prefix>/lib/pythonX.Y/site-packages/tunebal/tune/spaces.py
-    prefixes = [Path(sys.prefix)] + ([here[5]] if len(here) > 5 else [])
-    return [SPACES_DIR] + [p / "share" / "tunebal" / "search_spaces" for p in prefixes]
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "lograndint", "choice")
 _EPOCH_EXPR = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*\*\s*epochs\s*$")
 
 
 def space_path(method: str) -> Path:
-    """The shipped space of a method (see :func:`spaces_dirs`)."""
-    for directory in spaces_dirs():
-        if (directory / f"{method}.yaml").is_file():
-            return directory / f"{method}.yaml"
-    return SPACES_DIR / f"{method}.yaml"
+    """The shipped space of a method (see :func:`spaces_dir`)."""
+    return spaces_dir() / f"{method}.yaml"
 
 
 def _bound(value: Any, max_epochs: int, where: str) -> Any:
