@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from tunebal.errors import ConfigError, TunebalError
+from tunebal.tune.submit import DEFAULT_CLUSTER_PYTHON
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,6 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--address", default=None, help="address of an existing Ray cluster")
     s.add_argument("--space", default=None, help="a YAML search space instead of search_spaces/METHOD.yaml")
     s.add_argument("--seed", type=int, default=0, help="seed of the searcher")
+
+    j = sub.add_parser("submit", help="run a search on a Ray cluster as a Ray job (see docs/cluster.md)")
+    j.add_argument("--dashboard", required=True, metavar="URL", help="the head's dashboard, e.g. http://HEAD:8265")
+    j.add_argument("--python", default=DEFAULT_CLUSTER_PYTHON,
+                   help="absolute path of the cluster's Python with tunebal installed (the launch/ configs' venv)")
+    j.add_argument("--install", action="store_true",
+                   help="upload this tunebal and install its requirements with Ray's pip runtime env instead")
+    j.add_argument("--no-wait", action="store_true", help="return after submitting instead of following the job")
+    j.add_argument("--wait-timeout", type=float, default=24 * 3600.0, help="seconds to follow the job")
+    j.add_argument("search_args", nargs=argparse.REMAINDER, metavar="METHOD [search options]",
+                   help="what `tunebal search` gets on the cluster, e.g. aim --dataset ks --num-samples 64")
 
     t = sub.add_parser("train", help="train one configuration without Ray")
     _add_common_run_args(t)
@@ -184,10 +196,11 @@ def cmd_datasets() -> None:
             print("    " + knob.describe())
 
 
-def cmd_search(args: argparse.Namespace) -> int:
-    from tunebal.tune.runner import SearchOptions, run_search
+def search_options(args: argparse.Namespace):
+    """The SearchOptions of a parsed ``tunebal search`` command line."""
+    from tunebal.tune.runner import SearchOptions
 
-    opts = SearchOptions(
+    return SearchOptions(
         method=args.method, dataset=args.dataset, num_samples=args.num_samples, max_epochs=args.max_epochs,
         scheduler=args.scheduler, search=args.search, cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, storage=args.storage,
@@ -195,6 +208,12 @@ def cmd_search(args: argparse.Namespace) -> int:
         grace_period=args.grace_period, reduction_factor=args.reduction_factor, max_failures=args.max_failures,
         space_file=args.space, overrides=_assignments(args.overrides), data_values=_assignments(args.data_values, "--data"),
     )
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from tunebal.tune.runner import run_search
+
+    opts = search_options(args)
     summary = run_search(opts)
     from tunebal import signals
 
@@ -202,6 +221,15 @@ def cmd_search(args: argparse.Namespace) -> int:
         print(f"tunebal: interrupted; continue with --resume --name {opts.name} --storage {args.storage}", file=sys.stderr)
         return 130
     return 0 if summary["best"] is not None else 1
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from tunebal.tune.submit import SubmitOptions, submit
+
+    return submit(SubmitOptions(
+        dashboard=args.dashboard, search_args=list(args.search_args), python=args.python, install=args.install,
+        wait=not args.no_wait, wait_timeout_s=args.wait_timeout,
+    ))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -278,6 +306,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "search":
             return cmd_search(args)
+        if args.command == "submit":
+            return cmd_submit(args)
         if args.command == "train":
             return cmd_train(args)
         if args.command == "prepare":

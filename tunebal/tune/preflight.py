@@ -123,12 +123,16 @@ def parse_address(address: str) -> tuple[str, int] | None:
     except ValueError:
         host, port = None, None
     if not host or port is None:
-        raise ConfigError(f"--address {address!r} must be HOST:PORT (or ray://HOST:PORT, auto)")
+        raise ConfigError(f"--address {address!r} must be HOST:PORT (or ray://HOST:PORT, http://HOST:PORT, auto)")
     return host, port
 
 
 def probe_address(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:
-    """Fail within ``timeout`` seconds when nothing listens at ``address`` (Ray would retry forever)."""
+    """Fail within ``timeout`` seconds when nothing listens at ``address`` (Ray would retry forever),
+    or when the cluster there rejects this client's token authentication (Ray would fail after
+    about two minutes with a traceback; tunebal/tune/cluster_auth.py)."""
+    from tunebal.tune.cluster_auth import check_auth
+
     target = parse_address(address)
     if target is None:
         return
@@ -136,7 +140,9 @@ def probe_address(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:
     start = time.monotonic()
     try:
         with socket.create_connection((host, port), timeout=timeout):
-            return
+            pass
+        check_auth(address, host, port, timeout)
+        return
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         if isinstance(exc, socket.timeout):
