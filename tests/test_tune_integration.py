@@ -163,8 +163,13 @@ def test_resume_an_interrupted_experiment(ray_cluster, tmp_path, monkeypatch):
     before = {p.parent.name: len(p.read_text().splitlines()) for p in exp.glob("*/result.json")}
     assert before and min(before.values()) < 6, before
 
-    opts = _opts(tmp_path, name, num_samples=2, max_epochs=6, scheduler="fifo", resume=True)
+    # only where and what: the data, budget and scheduler come from the experiment's stored
+    # options (a resume with the defaults would score the best checkpoint on another test split)
+    opts = SearchOptions(method="baseline", storage=str(tmp_path), name=name, resume=True, verbose=0,
+                         explicit=frozenset({"method", "storage", "name", "resume"}))
     summary = run_search(opts)
+    assert (opts.max_epochs, opts.scheduler) == (6, "fifo")
+    assert {k: opts.data_values[k] for k in TINY} == TINY
     assert len(summary["trials"]) == 2
     assert all(t["status"] == "COMPLETE" and t["epochs"] == 6 for t in summary["trials"])
     for p in exp.glob("*/result.json"):

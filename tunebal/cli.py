@@ -210,10 +210,28 @@ def search_options(args: argparse.Namespace):
     )
 
 
-def cmd_search(args: argparse.Namespace) -> int:
+_SEARCH_DESTS = {"space": "space_file"}  # argparse dest -> SearchOptions field, where they differ
+
+
+def explicit_search_options(argv: Sequence[str]) -> frozenset[str]:
+    """The SearchOptions fields given on a ``tunebal search`` command line (not defaulted):
+    on --resume only those are compared with, the others taken from, the stored options."""
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    search = sub.choices["search"]
+    for action in search._actions:
+        if action.dest not in ("help", "method"):
+            action.default = None
+    namespace = parser.parse_args(list(argv))
+    given = {k for k, v in vars(namespace).items() if v is not None and k != "command"}
+    return frozenset(_SEARCH_DESTS.get(k, k) for k in given)
+
+
+def cmd_search(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from tunebal.tune.runner import run_search
 
     opts = search_options(args)
+    opts.explicit = explicit_search_options(argv)
     summary = run_search(opts)
     from tunebal import signals
 
@@ -297,6 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signals.install()
     try:
+        argv = list(sys.argv[1:] if argv is None else argv)
         args = build_parser().parse_args(argv)
         if args.command == "methods":
             cmd_methods()
@@ -305,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cmd_datasets()
             return 0
         if args.command == "search":
-            return cmd_search(args)
+            return cmd_search(args, argv)
         if args.command == "submit":
             return cmd_submit(args)
         if args.command == "train":

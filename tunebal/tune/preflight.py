@@ -77,7 +77,7 @@ def check_experiment_dir(path: Path, resume: bool) -> None:
     if resume:
         if not exists or not (path / "tuner.pkl").exists():
             raise ConfigError(f"no experiment to resume at {path}")
-    elif exists and any(path.iterdir()):
+    elif exists and any(p.name != "search_options.json" for p in path.iterdir()):  # only options: never started
         raise ConfigError(
             f"experiment {path.name!r} already exists at {path}; pass --resume to continue it or choose another --name"
         )

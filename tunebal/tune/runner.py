@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,9 @@ class SearchOptions:
     data_values: dict[str, Any] = field(default_factory=dict)
     verbose: int = 1
     crash_once_at_epoch: int | None = None  # test hook: kill the worker once after this epoch
+    #: the option names given explicitly (the CLI sets it); on --resume the others come from the
+    #: experiment's stored options (tunebal/tune/stored_options.py). None: values != defaults.
+    explicit: frozenset[str] | None = None
 
     def validate(self) -> None:
         if self.scheduler not in SCHEDULERS:
@@ -272,11 +275,18 @@ def run_search(
     from tunebal.tune import state_guard
     from tunebal.tune.report import summarize
 
+    from tunebal.tune import stored_options
+
     check_before_ray(opts)
+    if opts.resume:  # the search continues as it was started (data, budget, test split)
+        stored_options.apply_on_resume(opts, opts.experiment_dir, opts.explicit)
+    requested = replace(opts, data_values=dict(opts.data_values), overrides=dict(opts.overrides))
     yaml_space = prepare(opts)
     space = yaml_space if space is None else space
     if opts.resume:
         state_guard.verify(opts.experiment_dir)  # before Ray unpickles anything in it
+    else:
+        stored_options.write(requested, opts.experiment_dir)
     init_ray(opts.address, include_dashboard)
     signals.install()  # ray.init replaced the SIGTERM handler
     check_cluster(opts)

@@ -36,7 +36,7 @@ MANIFEST = "tunebal_state.json"
 KEY_ENV = "TUNEBAL_STATE_KEY_FILE"
 #: Files tunebal itself writes into the experiment directory, read only as plain JSON/CSV
 #: (the Optuna study's journal is JSON lines, replayed by Optuna without unpickling).
-OWN_FILES = frozenset({MANIFEST, "summary.json", "trials.csv", "optuna.journal", "optuna.journal.lock"})
+OWN_FILES = frozenset({MANIFEST, "summary.json", "trials.csv", "optuna.journal", "optuna.journal.lock", "search_options.json"})
 
 
 def key_path() -> Path:
