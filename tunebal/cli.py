@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gpus-per-trial", type=float, default=0.0, help="fractional values pack trials on one GPU")
     s.add_argument("--max-concurrent", type=int, default=None)
     s.add_argument("--max-failures", type=int, default=2, help="restarts of a crashed trial from its checkpoint")
+    s.add_argument("-v", "--verbose", action="store_true", help="Ray's status tables instead of one line per trial-epoch")
     s.add_argument("--storage", default="~/tunebal_results", help="persistent experiment root")
     s.add_argument("--name", default=None,
                    help="experiment name, one directory under --storage (default METHOD-DATASET-TIMESTAMP); "
@@ -207,6 +208,7 @@ def search_options(args: argparse.Namespace):
         name=args.name, resume=args.resume, address=args.address, seed=args.seed,
         grace_period=args.grace_period, reduction_factor=args.reduction_factor, max_failures=args.max_failures,
         space_file=args.space, overrides=_assignments(args.overrides), data_values=_assignments(args.data_values, "--data"),
+        verbose=2 if getattr(args, "verbose", False) else 1,
     )
 
 
@@ -310,7 +312,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
     from tunebal import signals
 
     signals.install()

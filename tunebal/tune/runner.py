@@ -225,6 +225,8 @@ def build_tuner(opts: SearchOptions, space: dict[str, Any]):
             searcher = ConcurrencyLimiter(searcher, max_concurrent=opts.max_concurrent)
     else:
         searcher = BasicVariantGenerator(random_state=opts.seed, max_concurrent=opts.max_concurrent or 0)
+    from tunebal.tune import console
+
     tune_config = tune.TuneConfig(
         metric=METRIC,
         mode=MODE,
@@ -232,7 +234,12 @@ def build_tuner(opts: SearchOptions, space: dict[str, Any]):
         search_alg=searcher,
         num_samples=opts.num_samples,
         max_concurrent_trials=opts.max_concurrent,
+        trial_name_creator=console.trial_name(opts.method),  # e.g. aim_3f2a1_00002, not ~150 characters
+        trial_dirname_creator=console.trial_name(opts.method),
     )
+    callbacks = [state_guard.make_callback(opts.experiment_dir)]
+    if opts.verbose == 1:  # the default: one line per trial-epoch; 2 gives Ray's status tables
+        callbacks.append(console.make_callback(opts.max_epochs))
     run_config = tune.RunConfig(
         name=opts.name,
         storage_path=str(Path(opts.storage).expanduser().resolve()),
@@ -240,8 +247,8 @@ def build_tuner(opts: SearchOptions, space: dict[str, Any]):
         checkpoint_config=tune.CheckpointConfig(
             num_to_keep=1, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE
         ),
-        verbose=opts.verbose,
-        callbacks=[state_guard.make_callback(opts.experiment_dir)],
+        verbose=0 if opts.verbose <= 1 else 2,
+        callbacks=callbacks,
     )
     return tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
 
@@ -290,6 +297,9 @@ def run_search(
     init_ray(opts.address, include_dashboard)
     signals.install()  # ray.init replaced the SIGTERM handler
     check_cluster(opts)
+    # Tune's legacy output engine prints nothing at verbose 0, so the console is tunebal's one
+    # line per trial-epoch (tunebal/tune/console.py); verbose 2 (`search -v`): Ray's status tables.
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "1" if opts.verbose >= 2 else "0"
     tuner = restore_tuner(opts) if opts.resume else build_tuner(opts, space)
     results = tuner.fit()
     return summarize(results, opts, searched_knobs(space))
