@@ -56,15 +56,16 @@ def test_without_explicit_names_values_off_the_defaults_count_as_given(tmp_path)
         stored_options.apply_on_resume(opts, exp, None)
 
 
-def test_a_started_experiment_keeps_its_options_and_a_missing_file_is_one_line(tmp_path):
+def test_a_started_experiment_keeps_its_options_and_an_older_one_resumes_as_given(tmp_path):
     exp = _started(tmp_path)
     (exp / "tuner.pkl").write_bytes(b"")
     with pytest.raises(ConfigError, match="already started"):
         stored_options.write(SearchOptions(method="aim"), exp)
     assert json.loads((exp / "search_options.json").read_text())["options"]["method"] == "baseline"
     (exp / "search_options.json").unlink()
-    with pytest.raises(ConfigError, match="predates stored options"):
-        stored_options.read(exp)
+    assert stored_options.read(exp) is None  # an older experiment: resumed with the options given
+    opts = SearchOptions(method="baseline", max_epochs=5, resume=True)
+    assert stored_options.apply_on_resume(opts, exp, {"method", "max_epochs"}) == [] and opts.max_epochs == 5
 
 
 def test_a_directory_holding_only_options_never_started(tmp_path):

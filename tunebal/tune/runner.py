@@ -279,24 +279,22 @@ def run_search(
     ``space`` replaces the YAML space with a ready Tune param space (programmatic use).
     """
     from tunebal import signals
-    from tunebal.tune import state_guard
+    from tunebal.tune import state_guard, stored_options
     from tunebal.tune.report import summarize
 
-    from tunebal.tune import stored_options
-
     check_before_ray(opts)
-    if opts.resume:  # the search continues as it was started (data, budget, test split)
+    if opts.resume:
+        state_guard.verify(opts.experiment_dir)  # before Ray unpickles anything in it
+        # the search continues as it was started (data, budget, test split)
         stored_options.apply_on_resume(opts, opts.experiment_dir, opts.explicit)
     requested = replace(opts, data_values=dict(opts.data_values), overrides=dict(opts.overrides))
     yaml_space = prepare(opts)
     space = yaml_space if space is None else space
-    if opts.resume:
-        state_guard.verify(opts.experiment_dir)  # before Ray unpickles anything in it
-    else:
-        stored_options.write(requested, opts.experiment_dir)
     init_ray(opts.address, include_dashboard)
     signals.install()  # ray.init replaced the SIGTERM handler
     check_cluster(opts)
+    if not opts.resume:  # every check passed: the experiment directory is created now
+        stored_options.write(requested, opts.experiment_dir)
     # Tune's legacy output engine prints nothing at verbose 0, so the console is tunebal's one
     # line per trial-epoch (tunebal/tune/console.py); verbose 2 (`search -v`): Ray's status tables.
     os.environ["RAY_AIR_NEW_OUTPUT"] = "1" if opts.verbose >= 2 else "0"

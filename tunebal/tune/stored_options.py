@@ -45,7 +45,8 @@ def write(opts, experiment_dir: Path) -> None:
     os.replace(tmp, path)
 
 
-def read(experiment_dir: Path) -> dict[str, Any]:
+def read(experiment_dir: Path) -> dict[str, Any] | None:
+    """The stored options; None for an experiment started before options were stored."""
     path = experiment_dir / OPTIONS_FILE
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
@@ -53,9 +54,7 @@ def read(experiment_dir: Path) -> dict[str, Any]:
         if not isinstance(options, dict) or set(options) != set(STORED):
             raise ValueError("unexpected keys")
     except FileNotFoundError:
-        raise ConfigError(
-            f"{path} is missing: this experiment predates stored options; resume it by repeating every original option"
-        ) from None
+        return None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"{path} is unreadable ({exc})") from None
     return options
@@ -68,6 +67,12 @@ def apply_on_resume(opts, experiment_dir: Path, given: Iterable[str] | None) -> 
     from dataclasses import MISSING, fields
 
     stored = read(experiment_dir)
+    if stored is None:
+        import sys
+
+        print(f"tunebal: warning: {experiment_dir} has no {OPTIONS_FILE} (started by an older tunebal); "
+              "resuming with the options given now, which must repeat the original ones", file=sys.stderr)
+        return []
     defaults = {f.name: f.default_factory() if f.default_factory is not MISSING else f.default for f in fields(opts)}
     if given is None:
         given = [n for n in STORED if _jsonable(getattr(opts, n)) != _jsonable(defaults.get(n))]
