@@ -193,20 +193,3 @@ def test_single_modality_is_a_config_error():
         get_method_class("arl").check_compatible(1, "concat")
 
 
-def test_resume_is_bit_exact(data2, tmp_path):
-    config = {**FAST, "seed": 6, "epochs": 2, "warmup": 1}
-    straight = Engine(data2, "arl", config, device="cpu")
-    straight.run_epoch()
-    m_straight = straight.run_epoch()
-    first = Engine(data2, "arl", config, device="cpu")
-    first.run_epoch()
-    path = str(tmp_path / "arl.arrow")
-    first.save(path)
-    resumed = Engine(data2, "arl", config, device="cpu")
-    resumed.load(path)
-    m_resumed = resumed.run_epoch()
-    for key, value in m_straight.items():
-        if not key.startswith("time/"):
-            assert m_resumed[key] == value, key
-    for p1, p2 in zip(straight.model.parameters(), resumed.model.parameters()):
-        assert torch.equal(p1, p2)
