@@ -61,7 +61,7 @@ def main() -> None:
     if what == "search":
         from tunebal.tune.runner import run_search
 
-        run_search(options(storage, name))
+        run_search(options(storage, name, max_epochs=8))
     elif what == "lose-node":
         lose_node(storage, name)
     else:

@@ -75,19 +75,19 @@ def test_driver_killed_mid_search_then_resume_equals_an_uninterrupted_run(ray_cl
     while time.time() < deadline and not list(exp.rglob(CHECKPOINT_FILENAME)):
         time.sleep(0.5)
     assert list(exp.rglob(CHECKPOINT_FILENAME)), "no checkpoint before the deadline"
-    time.sleep(2)  # let Tune snapshot its experiment state at least once
+    time.sleep(1)  # let Tune snapshot its experiment state
     os.killpg(proc.pid, signal.SIGKILL)  # no graceful stop: the driver and its local Ray die at once
     proc.wait(timeout=30)
     killed_at = time.monotonic() - start
     before = [len(p.read_text().splitlines()) for p in exp.glob("*/result.json")]
-    assert before and min(before) < 4, before  # killed mid-search, not after it
+    assert sum(n == 8 for n in before) < 3, before  # killed mid-search, not after it
 
-    resumed = run_search(options(str(tmp_path), "killed", resume=True))
-    reference = run_search(options(str(tmp_path), "reference"))
+    resumed = run_search(options(str(tmp_path), "killed", resume=True, max_epochs=8))
+    reference = run_search(options(str(tmp_path), "reference", max_epochs=8))
     got, want = _final_by_config(resumed), _final_by_config(reference)
     assert len(resumed["trials"]) == 3 and set(got) == set(want)  # no trial lost or duplicated
     for key, trial in got.items():
-        assert trial["status"] == "COMPLETE" and trial["epochs"] == 4
+        assert trial["status"] == "COMPLETE" and trial["epochs"] == 8
         assert trial["best_val_acc"] == want[key]["best_val_acc"], key
         rows = _rows(exp / trial["trial"])
         ref_rows = _rows(tmp_path / "reference" / want[key]["trial"])
