@@ -1,6 +1,6 @@
 """Tiny in-memory datasets and a probe method for tests that pin the engine's behaviour.
 
-Not a test module (no ``test_`` prefix): imported by tests/test_engine_pins.py,
+Not a test module (no ``test_`` prefix): imported by tests/test_engine_pins.py, test_aim.py, test_conformance.py,
 tests/test_method_options.py and tests/test_mechanisms.py.
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from typing import Iterator
 
 import torch
@@ -156,3 +157,27 @@ def autograd_grads(model, loss: torch.Tensor) -> dict[str, torch.Tensor]:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True, retain_graph=True)
     return {n: g for (n, _), g in zip(named, grads) if g is not None}
+
+
+def tree_equal(a, b, path: str = "") -> None:
+    """Assert two nested state dicts / lists / tensors are identical (tensors bit for bit;
+    NaN equals NaN), naming the first differing path."""
+    if isinstance(a, dict):  # OrderedDict and dict alike
+        assert isinstance(b, dict), path
+    else:
+        assert type(a) is type(b), path
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape, path
+        assert torch.equal(a, b), f"{path} differs"
+    elif isinstance(a, dict):
+        assert list(a) == list(b), path
+        for k in a:
+            tree_equal(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            tree_equal(x, y, f"{path}/{i}")
+    elif isinstance(a, float) and math.isnan(a):
+        assert math.isnan(b), path
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"

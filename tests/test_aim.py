@@ -11,6 +11,8 @@ import pytest
 import torch
 from torch import nn
 
+from tests._builders import tree_equal
+
 from tunebal.data import build_dataset
 from tunebal.engine import Engine
 from tunebal.methods.aim import (
@@ -46,26 +48,6 @@ def small_data(_isolated_cache):
 @pytest.fixture(scope="module")
 def three_data(_isolated_cache):
     return build_dataset("synth", {**SMALL, "modalities": 3, "frames": 2})  # clips of T = 2 frames
-
-
-def _tree_equal(a, b, path="") -> None:
-    if isinstance(a, dict):  # OrderedDict and dict alike
-        assert isinstance(b, dict), path
-    else:
-        assert type(a) is type(b), path
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape, path
-        assert torch.equal(a, b), f"{path} differs"
-    elif isinstance(a, dict):
-        assert list(a) == list(b), path
-        for k in a:
-            _tree_equal(a[k], b[k], f"{path}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _tree_equal(x, y, f"{path}/{i}")
-    else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
 
 
 # --------------------------------------------------------------------------- formulas
@@ -162,7 +144,7 @@ def test_prototypes_propagate_in_eval_mode_and_train_only_themselves(small_data)
     depths, feats = dap.propagate(model)
     assert model.training and all(mod.training for mod in model.modules())  # mode restored
     assert all(p.requires_grad for p in model.parameters())  # flags restored
-    _tree_equal(buffers, model.state_dict())  # no running-statistics update
+    tree_equal(buffers, model.state_dict())  # no running-statistics update
     assert [tuple(t.shape) for t in depths["visual"]][0][0] == small_data.num_classes  # (K·T, C, H, W), T = 1
     model.eval()  # Eq. 6: P_d = E_{<=d}(P_0) with the network as used at inference
     with torch.no_grad():
@@ -303,7 +285,7 @@ def test_phases_before_and_after_start_epoch(small_data):
     assert method.dap_fitted
     assert metrics["method/phase"] == 0.0 and "method/loss/mod" not in metrics
     assert "method/loss/pam" in metrics and "method/dap_fit/cls_loss" in metrics
-    _tree_equal(base.model.state_dict(), aim.model.state_dict())  # bit-identical to joint training
+    tree_equal(base.model.state_dict(), aim.model.state_dict())  # bit-identical to joint training
     assert any(not torch.equal(protos0[m], method.dap.protos[m]) for m in protos0)
     assert any(not torch.equal(dec0[k], v) for k, v in method.decoupler.state_dict().items())
 
@@ -312,7 +294,7 @@ def test_phases_before_and_after_start_epoch(small_data):
     aim.optimizer.zero_grad(set_to_none=True)  # the last training step's gradients
     protos1 = {m: p.detach().clone() for m, p in method.dap.protos.items()}
     method.fit_dap(aim, 3)
-    _tree_equal(before, aim.model.state_dict())
+    tree_equal(before, aim.model.state_dict())
     assert all(p.grad is None for p in aim.model.parameters())
     assert all(not torch.equal(protos1[m], method.dap.protos[m]) for m in protos1)
 
@@ -323,7 +305,7 @@ def test_phases_before_and_after_start_epoch(small_data):
     metrics = aim.run_epoch()
     assert metrics["method/phase"] == 1.0 and metrics["method/loss/mod"] > 0
     assert "method/loss/pam" not in metrics
-    _tree_equal(dec1, method.decoupler.state_dict())
+    tree_equal(dec1, method.decoupler.state_dict())
     for key in ("alpha/d1", "alpha/d4", "s/audio/d1", "s_aux/visual/d4", "rho/audio/d2", "rho_aux/visual/d3", "mask_mean"):
         assert f"method/{key}" in metrics, key
     rho_total = sum(metrics[f"method/{r}/{m}/d2"] for r in ("rho", "rho_aux") for m in small_data.modalities)
@@ -385,12 +367,12 @@ def test_checkpoint_round_trip_and_bit_exact_resume(small_data, tmp_path):
 
     resumed = Engine(small_data, "aim", cfg, device="cpu")
     resumed.load(str(path))
-    _tree_equal(state_at_1, resumed.method.state_dict())  # round trip of every piece of AIM state
+    tree_equal(state_at_1, resumed.method.state_dict())  # round trip of every piece of AIM state
     assert resumed.epoch == 1 and resumed.method.dap_fitted
     resumed.run_epoch()  # crosses the phase boundary: epoch 1 = E
-    _tree_equal(straight.model.state_dict(), resumed.model.state_dict())
-    _tree_equal(straight.method.state_dict(), resumed.method.state_dict())
-    _tree_equal(straight.optimizer.state_dict(), resumed.optimizer.state_dict())
+    tree_equal(straight.model.state_dict(), resumed.model.state_dict())
+    tree_equal(straight.method.state_dict(), resumed.method.state_dict())
+    tree_equal(straight.optimizer.state_dict(), resumed.optimizer.state_dict())
 
 
 @pytest.mark.parametrize("fusion", ["concat", "sum", "film", "gated"])

@@ -345,6 +345,17 @@ def test_amss_plus_masked_gradient_is_unbiased_in_the_method(tiny_data):
     assert plain.mean().item() < 1.0 - 10 * plain.std().item() / math.sqrt(draws)
 
 
+def _per_sample_fisher(net, layers, x, y) -> tuple[list, object]:
+    """AMSS+'s per-sample Fisher of every mask layer from one backward pass over (x, y), and
+    the indices of the layers with per-sample support."""
+    hooks = PerSampleFisher(layers)
+    hooks.capture = True
+    F.cross_entropy(net(x), y).backward()
+    got = [hooks.fisher(i, layer, x.shape[0]) for i, layer in enumerate(layers)]
+    hooks.remove()
+    return got, hooks.supported
+
+
 def test_per_sample_fisher_is_the_exact_empirical_fisher():
     """Hook-based per-sample Fisher equals brute-force per-sample gradients (no BN coupling),
     with frames of one clip summed into one sample."""
@@ -366,11 +377,7 @@ def test_per_sample_fisher_is_the_exact_empirical_fisher():
     x, y = torch.randn(b, 2, 3, 8, 8), torch.randint(0, 3, (b,))
     for unit in ("channel", "element"):
         layers = find_mask_layers(net, unit)
-        hooks = PerSampleFisher(layers)
-        hooks.capture = True
-        F.cross_entropy(net(x), y).backward()
-        got = [hooks.fisher(i, layer, b) for i, layer in enumerate(layers)]
-        hooks.remove()
+        got, supported = _per_sample_fisher(net, layers, x, y)
         for layer, fisher in zip(layers, got):
             params = [layer.weight] + ([layer.bias] if layer.bias is not None else [])
             sq = [torch.zeros_like(p) for p in params]
@@ -603,16 +610,12 @@ def test_per_sample_fisher_for_sequence_inputs_matches_per_sample_gradients():
     x, y = torch.randn(b, 7, 6), torch.randint(0, 3, (b,))
     for unit in ("channel", "element"):
         layers = find_mask_layers(enc, unit)
-        hooks = PerSampleFisher(layers)
-        hooks.capture = True
-        F.cross_entropy(net(x), y).backward()
-        got = [hooks.fisher(i, layer, b) for i, layer in enumerate(layers)]
-        hooks.remove()
+        got, supported = _per_sample_fisher(net, layers, x, y)
         linear = [i for i, layer in enumerate(layers) if isinstance(layer.module, nn.Linear)]
         assert len(linear) == (5 if unit == "channel" else 7)
         for i, layer in enumerate(layers):
             if i not in linear or "out_proj" in layer.name:  # attention runs in F.multi_head_attention_forward
-                assert got[i] is None and (i not in hooks.supported or "out_proj" in layer.name)
+                assert got[i] is None and (i not in supported or "out_proj" in layer.name)
                 continue
             params = [layer.weight] + ([layer.bias] if layer.bias is not None else [])
             sq = [torch.zeros_like(p) for p in params]

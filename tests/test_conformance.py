@@ -18,6 +18,8 @@ import math
 import pytest
 import torch
 
+from tests._builders import tree_equal
+
 from tunebal.config import COMMON_KNOBS
 from tunebal.engine import Engine
 from tunebal.errors import ConfigError
@@ -30,24 +32,6 @@ ALL_METHODS = sorted(m for m in METHODS if not m.startswith("_"))
 FAST = {"width": 4, "batch_size": 32, "lr": 0.05, "seed": 5}
 #: knobs a method needs to show its state in two epochs (AIM: the phase boundary E at epoch 1)
 EXTRA = {"unimodal": {"modality": "visual"}, "aim": {"start_epoch": 1}, "opm": {"warmup": 0}}
-
-
-def _tree_equal(a, b, path: str = "") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
-        assert torch.equal(a, b), f"{path} differs"
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and list(a) == list(b), path
-        for k in a:
-            _tree_equal(a[k], b[k], f"{path}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _tree_equal(x, y, f"{path}/{i}")
-    elif isinstance(a, float) and math.isnan(a):
-        assert isinstance(b, float) and math.isnan(b), path
-    else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
 
 
 def _no_times(metrics: dict) -> dict:
@@ -68,12 +52,12 @@ def test_resume_is_bit_exact_and_state_round_trips(data2, tmp_path, method):
     saved_state = first.method.state_dict()
     resumed = Engine(data2, method, config, device="cpu")
     resumed.load(path)
-    _tree_equal(saved_state, resumed.method.state_dict(), "method")
+    tree_equal(saved_state, resumed.method.state_dict(), "method")
     assert resumed.epoch == 1
     assert _no_times(resumed.run_epoch()) == _no_times(second)
-    _tree_equal(straight.model.state_dict(), resumed.model.state_dict(), "model")
-    _tree_equal(straight.optimizer.state_dict(), resumed.optimizer.state_dict(), "optimizer")
-    _tree_equal(straight.method.state_dict(), resumed.method.state_dict(), "method")
+    tree_equal(straight.model.state_dict(), resumed.model.state_dict(), "model")
+    tree_equal(straight.optimizer.state_dict(), resumed.optimizer.state_dict(), "optimizer")
+    tree_equal(straight.method.state_dict(), resumed.method.state_dict(), "method")
 
 
 @pytest.mark.parametrize("method", ALL_METHODS)

@@ -20,8 +20,7 @@ from ray import tune
 from tunebal.checkpoint import CHECKPOINT_FILENAME
 from tunebal.tune.runner import run_search
 
-sys.path.insert(0, str(Path(__file__).parent))
-from fault_driver import options  # noqa: E402
+from tests.fault_driver import options
 
 DRIVER = Path(__file__).with_name("fault_driver.py")
 pytestmark = pytest.mark.ray
